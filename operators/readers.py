@@ -1,0 +1,177 @@
+"""Read text shards (JSONL, Parquet, plain text) into validated Arrow blocks.
+
+Every input record becomes exactly one row: either a document to embed (`reason` null) or a
+rejection with its reason and source location (`shard`, 1-based `line`; for Parquet the row
+number). After a shard's last record comes one end-of-shard row (`eof` true, `line` = number of
+records), so the writer can prove a shard complete before committing it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from operators.config import InputConfig
+from operators.storage import Shard, get_fs
+
+READ_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),  # null for rejected rows
+        ("shard", pa.string()),  # source URI
+        ("line", pa.int64()),  # 1-based record number; on eof rows, the shard's record count
+        ("reason", pa.string()),  # null when the row is embeddable
+        ("raw", pa.string()),  # a preview of a rejected record, for debugging
+        ("eof", pa.bool_()),
+    ]
+)
+RAW_PREVIEW_CHARS = 300
+
+
+class _BlockBuilder:
+    def __init__(self, shard: Shard, rows_per_block: int):
+        self.shard = shard
+        self.rows_per_block = rows_per_block
+        self.cols: dict[str, list] = {name: [] for name in READ_SCHEMA.names}
+        self.n = 0  # records seen so far
+
+    def _append(self, id_, text, line, reason, raw, eof=False):
+        c = self.cols
+        c["id"].append(id_)
+        c["text"].append(text)
+        c["shard"].append(self.shard.uri)
+        c["line"].append(line)
+        c["reason"].append(reason)
+        c["raw"].append(raw)
+        c["eof"].append(eof)
+
+    def derived_id(self, line: int) -> str:
+        return f"{self.shard.rel}:{line}"
+
+    def accept(self, line: int, id_value, text: str) -> None:
+        id_ = self.derived_id(line) if id_value is None else str(id_value)
+        self._append(id_, text, line, None, None)
+
+    def reject(self, line: int, reason: str, raw, id_value=None) -> None:
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", errors="replace")
+        preview = None if raw is None else str(raw)[:RAW_PREVIEW_CHARS]
+        id_ = self.derived_id(line) if id_value is None else str(id_value)
+        self._append(id_, None, line, reason, preview)
+
+    def full(self) -> bool:
+        return len(self.cols["id"]) >= self.rows_per_block
+
+    def flush(self) -> pa.Table:
+        table = pa.table(self.cols, schema=READ_SCHEMA)
+        self.cols = {name: [] for name in READ_SCHEMA.names}
+        return table
+
+    def finish(self) -> pa.Table:
+        self._append("", None, self.n, None, None, eof=True)
+        return self.flush()
+
+
+def check_text(value) -> str | None:
+    """The rejection reason for a text value, or None when it can be embedded."""
+    if value is None:
+        return "null text"
+    if not isinstance(value, str):
+        return f"non-string text ({type(value).__name__})"
+    if not value.strip():
+        return "empty text"
+    return None
+
+
+def _read_lines(b: _BlockBuilder, f, cfg: InputConfig, parse_json: bool) -> Iterator[pa.Table]:
+    for raw in f:
+        b.n += 1
+        line = b.n
+        raw = raw.rstrip(b"\r\n")
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            b.reject(line, f"undecodable bytes: not valid UTF-8 at byte {e.start}", raw)
+        else:
+            if not parse_json:
+                reason = check_text(decoded)
+                if reason:
+                    b.reject(line, reason, decoded)
+                else:
+                    b.accept(line, None, decoded)
+            elif not decoded.strip():
+                b.reject(line, "empty line", decoded)
+            else:
+                try:
+                    record = json.loads(decoded)
+                except ValueError as e:
+                    b.reject(line, f"malformed JSON: {e}", decoded)
+                else:
+                    if not isinstance(record, dict):
+                        b.reject(line, f"not a JSON object ({type(record).__name__})", decoded)
+                    else:
+                        id_value = record.get(cfg.id_field)
+                        if cfg.text_field not in record:
+                            b.reject(line, f"missing field '{cfg.text_field}'", decoded, id_value)
+                        else:
+                            text = record[cfg.text_field]
+                            reason = check_text(text)
+                            if reason:
+                                b.reject(line, reason, decoded, id_value)
+                            else:
+                                b.accept(line, id_value, text)
+        if b.full():
+            yield b.flush()
+
+
+def _read_parquet(b: _BlockBuilder, f, cfg: InputConfig) -> Iterator[pa.Table]:
+    pf = pq.ParquetFile(f)
+    names = set(pf.schema_arrow.names)
+    columns = [c for c in (cfg.id_field, cfg.text_field) if c in names]
+    for batch in pf.iter_batches(batch_size=cfg.rows_per_block, columns=columns or None):
+        n = batch.num_rows
+        ids = batch.column(cfg.id_field).to_pylist() if cfg.id_field in names else [None] * n
+        texts = batch.column(cfg.text_field).to_pylist() if cfg.text_field in names else None
+        for i in range(n):
+            b.n += 1
+            if texts is None:
+                b.reject(b.n, f"missing field '{cfg.text_field}' (columns: {', '.join(sorted(names))})", None, ids[i])
+                continue
+            reason = check_text(texts[i])
+            if reason:
+                b.reject(b.n, reason, None if texts[i] is None else repr(texts[i]), ids[i])
+            else:
+                b.accept(b.n, ids[i], texts[i])
+            if b.full():
+                yield b.flush()
+
+
+def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
+    """Yield READ_SCHEMA blocks of at most `cfg.rows_per_block` rows, ending with the eof row.
+
+    A shard that breaks mid-way (a truncated gzip stream, a corrupt Parquet page) does not fail
+    the run: the rows read so far are kept and one rejected row records the error and where it
+    happened, so the shard's counts still reconcile and the summary flags it.
+    """
+    fs, path = get_fs(shard.uri, cfg.storage)
+    b = _BlockBuilder(shard, cfg.rows_per_block)
+    try:
+        if shard.format == "parquet":
+            with fs.open(path, "rb", compression=shard.compression) as f:
+                yield from _read_parquet(b, f, cfg)
+        else:
+            with fs.open(path, "rb", compression=shard.compression) as f:
+                yield from _read_lines(b, f, cfg, parse_json=shard.format == "jsonl")
+    except (OSError, EOFError, pa.ArrowException, ValueError) as e:
+        b.n += 1
+        b.reject(b.n, f"shard read error after record {b.n - 1}: {type(e).__name__}: {e}", None)
+    yield b.finish()
+
+
+def rejected_mask(table: pa.Table) -> pa.Array:
+    import pyarrow.compute as pc
+
+    return pc.is_valid(table.column("reason"))
