@@ -9,7 +9,8 @@ index i the output of layer i, -1 the last layer):
    tokens ([CLS], [SEP], ...) when they are excluded.
 3. Pooling over those tokens:
    cls        H[:, 0]
-   cls_pooler pooler(H[:, 0]), the model's pretrained dense+tanh head over [CLS]
+   cls_pooler pooler(H), the model's pretrained head over [CLS] (BERT: tanh(W H[:, 0] + b));
+              `pooler` takes batch x seq x dim like transformers' BertPooler
    mean       sum_t M_t H_t / sum_t M_t
    max        max over t with M_t = 1 (masked positions never win)
 4. Optional L2 normalisation.
@@ -45,6 +46,7 @@ def token_mask(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor |
     return mask
 
 
+@torch.no_grad()
 def pool(
     hidden_states: Sequence[torch.Tensor],
     attention_mask: torch.Tensor,
@@ -65,7 +67,7 @@ def pool(
     elif pooling == "cls_pooler":
         if pooler is None:
             raise ValueError("pooling=cls_pooler needs the model's pooler head; this model has none")
-        out = pooler(h[:, 0].to(_param_dtype(pooler, h.dtype))).float()
+        out = pooler(h.to(_param_dtype(pooler, h.dtype))).float()
     else:
         mask = token_mask(attention_mask, special_tokens_mask, exclude_special_tokens)
         m = mask.unsqueeze(-1)

@@ -8,6 +8,7 @@ records), so the writer can prove a shard complete before committing it.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 
@@ -164,6 +165,8 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
                 yield from _read_parquet(b, f, cfg)
         else:
             with fs.open(path, "rb", compression=shard.compression) as f:
+                if shard.compression == "zstd":  # zstandard's reader has no readline
+                    f = io.BufferedReader(f, buffer_size=1 << 20)
                 yield from _read_lines(b, f, cfg, parse_json=shard.format == "jsonl")
     except (OSError, EOFError, pa.ArrowException, ValueError) as e:
         b.n += 1

@@ -192,7 +192,7 @@ def read_provenance(fs, path: str) -> dict | None:
     """The provenance stored in a vector shard's Parquet footer, or None if unreadable."""
     try:
         with fs.open(path, "rb") as f:
-            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+            meta = pq.ParquetFile(f).metadata.metadata or {}
         return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
     except Exception:
         return None

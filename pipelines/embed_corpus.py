@@ -165,8 +165,8 @@ def embed(cfg: PipelineConfig, plan: Plan) -> dict:
         error = e
     state = ray.get(coordinator.state.remote())
     state["error"] = error
-    if not error and fs.exists(staging):
-        fs.rm(staging, recursive=True)
+    if not error and fs.exists(staging_root):
+        fs.rm(staging_root, recursive=True)
     return state
 
 

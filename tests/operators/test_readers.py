@@ -1,0 +1,157 @@
+"""Readers: every record becomes one row, bad records are rejected with a reason and location."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from operators.config import InputConfig
+from operators.readers import read_shard
+from operators.storage import InputError, detect_format, list_shards
+from tests.conftest import write_jsonl
+
+BAD_JSONL = [
+    {"id": "a", "text": "A fine sentence."},
+    '{"id": "b", "text": "unterminated',  # malformed JSON
+    {"id": "c", "text": None},  # null
+    {"id": "d", "text": 42},  # non-string
+    {"id": "e", "text": "   "},  # empty after strip
+    {"id": "f", "body": "wrong field"},  # missing text field
+    b'{"id": "g", "text": "caf\xe9"}',  # latin-1 byte: not UTF-8
+    "[1, 2, 3]",  # not an object
+    "",  # blank line
+    {"text": "no id here"},  # derived id
+    {"id": 7, "text": "numeric id"},
+]
+EXPECTED_REASONS = {
+    2: "malformed JSON",
+    3: "null text",
+    4: "non-string text (int)",
+    5: "empty text",
+    6: "missing field 'text'",
+    7: "undecodable bytes",
+    8: "not a JSON object (list)",
+    9: "empty line",
+}
+
+
+def read_all(shard, cfg) -> pa.Table:
+    return pa.concat_tables(list(read_shard(shard, cfg)))
+
+
+def only(path, fmt="auto", **kw):
+    cfg = InputConfig(uri=str(path), format=fmt, **kw)
+    (shard,) = list_shards(cfg.uri, cfg.format, cfg.storage)
+    return shard, cfg
+
+
+def test_bad_row_catalogue(tmp_path):
+    shard, cfg = only(write_jsonl(tmp_path / "in" / "bad.jsonl", BAD_JSONL))
+    t = read_all(shard, cfg)
+    rows = t.to_pylist()
+    records, eof = rows[:-1], rows[-1]
+    assert eof["eof"] and eof["line"] == len(BAD_JSONL) == len(records)
+    assert [r["line"] for r in records] == list(range(1, len(BAD_JSONL) + 1))
+    for r in records:
+        want = EXPECTED_REASONS.get(r["line"])
+        if want is None:
+            assert r["reason"] is None and r["text"]
+        else:
+            assert r["reason"].startswith(want), (r["line"], r["reason"])
+            assert r["text"] is None
+    by_line = {r["line"]: r for r in records}
+    assert by_line[10]["id"] == "bad.jsonl:10"  # derived: shard path + line
+    assert by_line[11]["id"] == "7"
+    assert by_line[2]["raw"].startswith('{"id": "b"')  # a preview of what was rejected
+    assert by_line[3]["id"] == "c"  # rejected rows keep their id when they have one
+
+
+def test_compressed_jsonl_and_text(tmp_path):
+    lines = [json.dumps({"id": str(i), "text": f"sentence {i}"}) for i in range(5)]
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
+    (tmp_path / "c.txt").write_text("first doc\n\nthird doc\n")
+    shards = list_shards(str(tmp_path), "auto", InputConfig(uri="x").storage)
+    assert [(s.rel, s.format, s.compression) for s in shards] == [
+        ("a.jsonl.gz", "jsonl", "gzip"),
+        ("b.jsonl.zst", "jsonl", "zstd"),
+        ("c.txt", "text", None),
+    ]
+    cfg = InputConfig(uri=str(tmp_path))
+    for s in shards[:2]:
+        t = read_all(s, cfg)
+        assert t.column("text").to_pylist()[:5] == [f"sentence {i}" for i in range(5)], t.column("reason").to_pylist()
+    text = read_all(shards[2], cfg).to_pylist()
+    assert [(r["id"], r["text"], r["reason"]) for r in text[:3]] == [
+        ("c.txt:1", "first doc", None),
+        ("c.txt:2", None, "empty text"),
+        ("c.txt:3", "third doc", None),
+    ]
+
+
+def test_parquet_with_nulls_and_custom_fields(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"doc_id": ["x", "y", None], "body": ["hello", None, "there"]}), path)
+    shard, cfg = only(path, id_field="doc_id", text_field="body")
+    rows = read_all(shard, cfg).to_pylist()
+    assert [(r["id"], r["text"], r["reason"], r["line"]) for r in rows[:3]] == [
+        ("x", "hello", None, 1),
+        ("y", None, "null text", 2),
+        ("p.parquet:3", "there", None, 3),
+    ]
+    shard, cfg = only(path, text_field="missing")
+    rows = read_all(shard, cfg).to_pylist()
+    assert all(r["reason"].startswith("missing field 'missing'") for r in rows[:3])
+
+
+def test_blocks_respect_rows_per_block(tmp_path):
+    shard, cfg = only(write_jsonl(tmp_path / "x.jsonl", [{"text": f"t{i}"} for i in range(10)]), rows_per_block=4)
+    sizes = [b.num_rows for b in read_shard(shard, cfg)]
+    assert sizes == [4, 4, 3]  # 10 records + the eof row
+
+
+def test_truncated_gzip_keeps_rows_and_records_the_error(tmp_path):
+    payload = gzip.compress(b"".join(json.dumps({"text": f"row {i} " * 20}).encode() + b"\n" for i in range(2000)))
+    (tmp_path / "broken.jsonl.gz").write_bytes(payload[: len(payload) // 2])
+    shard, cfg = only(tmp_path / "broken.jsonl.gz")
+    rows = read_all(shard, cfg).to_pylist()
+    good = [r for r in rows if not r["eof"] and r["reason"] is None]
+    errors = [r for r in rows if r["reason"] and r["reason"].startswith("shard read error")]
+    assert len(errors) == 1 and good  # what was readable is kept, the failure is one counted row
+    assert rows[-1]["eof"] and rows[-1]["line"] == len(rows) - 1
+
+
+def test_listing_errors_and_filters(tmp_path):
+    storage = InputConfig(uri="x").storage
+    with pytest.raises(InputError, match="does not exist"):
+        list_shards(str(tmp_path / "nope"), "auto", storage)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no input shards found"):
+        list_shards(str(tmp_path / "empty"), "auto", storage)
+    d = tmp_path / "mixed"
+    write_jsonl(d / "keep.jsonl", [{"text": "x"}])
+    write_jsonl(d / "sub" / "deep.jsonl", [{"text": "x"}])
+    write_jsonl(d / "_rejected" / "skip.jsonl", [{"text": "x"}])
+    write_jsonl(d / ".hidden.jsonl", [{"text": "x"}])
+    (d / "notes.csv").write_text("a,b\n")
+    assert [s.rel for s in list_shards(str(d), "auto", storage)] == ["keep.jsonl", "sub/deep.jsonl"]
+    assert [s.rel for s in list_shards(str(d / "*.jsonl"), "auto", storage)] == ["keep.jsonl"]
+    with pytest.raises(InputError, match="cannot tell the format"):
+        list_shards(str(d / "notes.csv"), "auto", storage)
+    assert [s.format for s in list_shards(str(d / "notes.csv"), "text", storage)] == ["text"]
+
+
+def test_output_names_are_deterministic_and_distinct(tmp_path):
+    storage = InputConfig(uri="x").storage
+    write_jsonl(tmp_path / "a" / "b.jsonl", [{"text": "x"}])
+    write_jsonl(tmp_path / "a__b.jsonl", [{"text": "x"}])
+    first = [s.output_name for s in list_shards(str(tmp_path), "auto", storage)]
+    again = [s.output_name for s in list_shards(str(tmp_path), "auto", storage)]
+    assert first == again and len(set(first)) == 2
+    assert all(n.endswith(".parquet") for n in first)
+    assert detect_format("s3://b/x/part-1.JSONL.gz") == "jsonl"

@@ -1,0 +1,92 @@
+"""Staging and committing shards: order, de-duplication, completeness, provenance."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators.embed import output_schema
+from operators.writers import METADATA_KEY, IncompleteShardError, ShardStats, commit_shard, read_provenance, stage_part
+
+DIM = 4
+
+
+def rows(lines, total=None, reject=()):
+    """Embedder-output rows for record `lines` (+ the eof row when total is given)."""
+    ids, emb, reason, eof, line = [], [], [], [], []
+    for n in lines:
+        ids.append(f"id{n}")
+        bad = n in reject
+        emb.append(None if bad else [float(n)] * DIM)
+        reason.append("empty text" if bad else None)
+        eof.append(False)
+        line.append(n)
+    if total is not None:
+        ids.append("")
+        emb.append(None)
+        reason.append(None)
+        eof.append(True)
+        line.append(total)
+    n = len(ids)
+    return pa.table(
+        {
+            "id": ids, "shard": ["s.jsonl"] * n, "line": line, "reason": reason, "raw": [None] * n, "eof": eof,
+            "embedding": emb, "n_tokens": [3] * n, "truncated": [x == 2 for x in line],
+        },
+        schema=output_schema(DIM),
+    )
+
+
+def commit(tmp_path, tables):
+    fs = fsspec.filesystem("file")
+    out = str(tmp_path / "out")
+    staging = str(tmp_path / "out" / "_staging" / "run")
+    parts = [stage_part(fs, staging, "s", t) for t in tables]
+    stats = ShardStats(input="s.jsonl", rel="s.jsonl", output="s.parquet", input_fingerprint={"size": 1}, config_fingerprint="fp")
+    result = commit_shard(fs, out, staging, stats, parts, DIM, pa.float32(), {"config_fingerprint": "fp"})
+    return result, fs, out, parts
+
+
+def test_parts_in_any_order_commit_in_line_order(tmp_path):
+    shuffled = [rows([7, 8, 9, 10], total=10), rows([1, 2, 3]), rows([4, 5, 6], reject={5})]
+    stats, fs, out, parts = commit(tmp_path, shuffled)
+    table = pq.read_table(f"{out}/s.parquet")
+    assert table.column("id").to_pylist() == [f"id{n}" for n in range(1, 11) if n != 5]
+    np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False))[:, 0], [1, 2, 3, 4, 6, 7, 8, 9, 10])
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), DIM)
+    assert (stats.rows_in, stats.rows_written, stats.rows_rejected, stats.rows_truncated) == (10, 9, 1, 1)
+    rejected = pq.read_table(f"{out}/_rejected/s.parquet").to_pylist()
+    assert [(r["id"], r["line"], r["reason"]) for r in rejected] == [("id5", 5, "empty text")]
+    assert not any(fs.exists(p.path) for p in parts)  # staged parts are cleaned up
+    meta = read_provenance(fs, f"{out}/s.parquet")
+    assert meta["config_fingerprint"] == "fp" and meta["counts"]["rows_written"] == 9
+    assert json.loads(pq.ParquetFile(f"{out}/s.parquet").metadata.metadata[METADATA_KEY])["input"]["uri"] == "s.jsonl"
+
+
+def test_overlapping_and_duplicated_parts(tmp_path):
+    # interleaved lines (a block re-batched) and a retried task that staged lines 1-3 twice
+    tables = [rows([1, 3, 5], total=6), rows([2, 4, 6]), rows([1, 2, 3])]
+    stats, fs, out, _ = commit(tmp_path, tables)
+    assert pq.read_table(f"{out}/s.parquet").column("id").to_pylist() == [f"id{n}" for n in range(1, 7)]
+    assert stats.rows_written == 6
+
+
+def test_a_missing_record_refuses_to_commit(tmp_path):
+    with pytest.raises(IncompleteShardError, match="record 3 never reached the writer"):
+        commit(tmp_path, [rows([1, 2, 4], total=4)])
+    assert not (tmp_path / "out" / "s.parquet").exists()
+    with pytest.raises(IncompleteShardError, match="2 of 3 records"):
+        commit(tmp_path, [rows([1, 2], total=3)])
+    with pytest.raises(IncompleteShardError, match="no end-of-shard marker"):
+        commit(tmp_path, [rows([1, 2])])
+
+
+def test_empty_shard_commits_an_empty_vector_shard(tmp_path):
+    stats, fs, out, _ = commit(tmp_path, [rows([], total=0)])
+    assert pq.read_table(f"{out}/s.parquet").num_rows == 0
+    assert stats.rows_in == 0
