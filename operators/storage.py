@@ -131,6 +131,12 @@ def list_shards(uri: str, fmt: str, storage: StorageConfig) -> list[Shard]:
             root = posixpath.dirname(path.rstrip("/"))
             infos = {path: fs.info(path)}
         else:
+            if not is_local(fs):
+                bucket = path.split("/", 1)[0]
+                try:
+                    fs.ls(bucket)
+                except Exception as e:
+                    raise InputError(_describe_storage_error(f"{protocol_of(uri)}://{bucket}", e)) from e
             raise InputError(f"input.uri: {uri} does not exist. Point input.uri at a file, folder or glob of shards.")
     except InputError:
         raise

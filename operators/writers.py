@@ -216,8 +216,7 @@ def write_manifest(fs, output_dir: str, entries: dict, config_fingerprint: str) 
         "config_fingerprint": config_fingerprint,
         "shards": [entries[k] for k in sorted(entries)],
     }
-    tmp = posixpath.join(output_dir, STAGING_DIR, f"manifest-{uuid.uuid4().hex}.json")
-    fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+    tmp = posixpath.join(output_dir, f".{MANIFEST}.{uuid.uuid4().hex}.tmp")
     with fs.open(tmp, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
     commit_file(fs, tmp, path)

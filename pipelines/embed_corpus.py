@@ -147,8 +147,7 @@ def embed(cfg: PipelineConfig, plan: Plan) -> dict:
         coordinator, cfg.output.uri, cfg.output.storage, staging, plans,
         plan.resolved.dimension, ARROW_FLOATS[cfg.output.dtype], plan.provenance,
     )
-    io_args = {"num_cpus": cfg.ray.io_cpus}
-    ds = ray.data.read_datasource(ShardDatasource(plan.todo, cfg.input), ray_remote_args=io_args)
+    ds = ray.data.read_datasource(ShardDatasource(plan.todo, cfg.input), num_cpus=cfg.ray.io_cpus)
     ds = ds.map_batches(
         Embedder,
         fn_constructor_args=(spec,),
@@ -160,7 +159,7 @@ def embed(cfg: PipelineConfig, plan: Plan) -> dict:
     )
     error = None
     try:
-        ds.write_datasink(sink, ray_remote_args=io_args)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.io_cpus})
     except Exception as e:  # keep what was committed: record it in the manifest, then fail
         error = e
     state = ray.get(coordinator.state.remote())
@@ -255,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("corpus-embed %s, resolved config:\n%s", __version__, resolved_config_text(cfg))
         summary = run(cfg)
     except (ConfigError, InputError, ModelLoadError) as e:
-        logger.error("%s", e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except IncompleteShardError as e:
-        logger.error("%s", e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     print(format_summary(summary), flush=True)
     return 0
