@@ -114,7 +114,8 @@ def init_ray(cfg: PipelineConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+        # "local" always starts a fresh cluster, even if a `ray start` head runs on this machine
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
 
 
 def embed(cfg: PipelineConfig, plan: Plan) -> dict:
