@@ -30,6 +30,9 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_bert):
             os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={gcs_port}",
             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash_port}", "--disable-usage-stats",
+            # own ports for the agents too: the session's local Ray already holds the defaults
+            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
         ],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
@@ -54,14 +57,18 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_bert):
             "output": {"uri": str(tmp_path / "out")},
             "model": {"name": tiny_bert},
         }))
-        job = subprocess.run(
-            [
-                os.path.join(bin_dir, "ray"), "job", "submit", f"--address={address}", "--working-dir", ".",
-                "--", "python", "pipelines/embed_corpus.py", "--config", str(cfg),
-            ],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
-        )
-        log = job.stdout + job.stderr
+        for attempt in range(30):
+            job = subprocess.run(
+                [
+                    os.path.join(bin_dir, "ray"), "job", "submit", f"--address={address}", "--working-dir", ".",
+                    "--", "python", "pipelines/embed_corpus.py", "--config", str(cfg),
+                ],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
+            )
+            log = job.stdout + job.stderr
+            if "No available agent" not in log:  # the head's job agent is still starting
+                break
+            time.sleep(2)
         assert job.returncode == 0, log[-4000:]
         assert "succeeded" in log
         assert "done: 40 rows written, 0 rejected" in log
