@@ -17,7 +17,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-POOLING_MODES = ("cls", "cls_pooler", "mean", "max")
 InputFormat = Literal["auto", "jsonl", "parquet", "text"]
 Pooling = Literal["cls", "cls_pooler", "mean", "max"]
 ModelDtype = Literal["float32", "bfloat16", "float16"]

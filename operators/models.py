@@ -72,7 +72,7 @@ def copy_to_local_cache(uri: str, storage: StorageConfig) -> Path:
     """Copy a model folder from any fsspec URI into a per-node cache, once: concurrent actors on
     a node wait on a file lock and reuse the copy. The cache key covers every file's size and
     etag/mtime, so a changed remote model gets a fresh copy."""
-    from operators.storage import _file_fingerprint, get_fs
+    from operators.storage import file_fingerprint, get_fs
 
     fs, path = get_fs(uri, storage)
     try:
@@ -81,7 +81,7 @@ def copy_to_local_cache(uri: str, storage: StorageConfig) -> Path:
         raise ModelLoadError(f"model.name: cannot list {uri}: {type(e).__name__}: {e}") from e
     if not infos:
         raise ModelLoadError(f"model.name: {uri} is empty or does not exist")
-    listing = {p[len(path.rstrip('/')) :].lstrip("/"): _file_fingerprint(i) for p, i in infos.items()}
+    listing = {p[len(path.rstrip('/')) :].lstrip("/"): file_fingerprint(i) for p, i in infos.items()}
     key = hashlib.sha256(json.dumps([uri, listing], sort_keys=True, default=str).encode()).hexdigest()[:16]
     dest = CACHE_DIR / "models" / key
     dest.parent.mkdir(parents=True, exist_ok=True)

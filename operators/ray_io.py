@@ -9,8 +9,6 @@ run, and a run killed mid-way keeps every shard it had committed.
 
 from __future__ import annotations
 
-import logging
-import posixpath
 from typing import Iterable
 
 import pyarrow as pa
@@ -23,8 +21,6 @@ from operators.config import InputConfig, StorageConfig
 from operators.readers import READ_SCHEMA, read_shard
 from operators.storage import Shard, get_fs
 from operators.writers import Part, ShardStats, commit_shard, stage_part
-
-logger = logging.getLogger(__name__)
 
 
 class ShardDatasource(Datasource):
@@ -150,8 +146,3 @@ class ShardedParquetSink(Datasink[list]):
                 ray.get(self.coordinator.done.remote(shard, stats.to_json()))
                 committed.append(stats.to_json())
         return committed
-
-
-def staging_path(output_uri: str, storage: StorageConfig, run_id: str) -> str:
-    fs, out_dir = get_fs(output_uri, storage)
-    return posixpath.join(out_dir, "_staging", run_id)

@@ -172,9 +172,3 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
         b.n += 1
         b.reject(b.n, f"shard read error after record {b.n - 1}: {type(e).__name__}: {e}", None)
     yield b.finish()
-
-
-def rejected_mask(table: pa.Table) -> pa.Array:
-    import pyarrow.compute as pc
-
-    return pc.is_valid(table.column("reason"))

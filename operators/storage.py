@@ -88,7 +88,7 @@ class Shard:
         return f"{flat}-{digest}.parquet"
 
 
-def _file_fingerprint(info: dict) -> dict:
+def file_fingerprint(info: dict) -> dict:
     fp: dict[str, Any] = {"size": int(info.get("size") or 0)}
     etag = info.get("ETag") or info.get("etag")
     if etag:
@@ -162,7 +162,7 @@ def list_shards(uri: str, fmt: str, storage: StorageConfig) -> list[Shard]:
                 )
             continue
         _, comp = split_compression(posixpath.basename(p))
-        shards.append(Shard(uri=full_uri(fs, p), rel=rel, format=shard_fmt, compression=comp, fingerprint=_file_fingerprint(infos[p])))
+        shards.append(Shard(uri=full_uri(fs, p), rel=rel, format=shard_fmt, compression=comp, fingerprint=file_fingerprint(infos[p])))
     if not shards:
         raise InputError(
             f"input.uri: no input shards found at {uri} (format={fmt}). Expected files ending in "

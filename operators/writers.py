@@ -68,11 +68,8 @@ class ShardStats:
         return asdict(self)
 
 
-def vector_schema(dimension: int, value_type: pa.DataType, metadata: dict | None = None) -> pa.Schema:
-    schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(value_type, dimension))])
-    if metadata:
-        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    return schema
+def vector_schema(dimension: int, value_type: pa.DataType) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("embedding", pa.list_(value_type, dimension))])
 
 
 def stage_part(fs, staging_dir: str, shard_key: str, table: pa.Table) -> Part:
