@@ -18,7 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 InputFormat = Literal["auto", "jsonl", "parquet", "text"]
-Pooling = Literal["cls", "cls_pooler", "mean", "max"]
+Pooling = Literal[
+    "cls", "cls_pooler", "mean", "max", "last_token", "mask_token", "encoder_first", "encoder_mean", "decoder_first"
+]
 ModelDtype = Literal["float32", "bfloat16", "float16"]
 OutputDtype = Literal["float32", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -78,6 +80,18 @@ class ModelConfig(_Strict):
     max_length: int | None = Field(None, ge=1)  # tokens; None: the model's own limit
     batch_size: int = Field(64, ge=1)  # texts per forward pass: throughput vs activation memory
     trust_remote_code: bool = False
+    gguf_file: str | None = None  # a .gguf file in the model folder (transformers dequantizes it)
+    padding_side: Literal["auto", "left", "right"] = "auto"  # auto: the tokenizer's own
+    # Documents longer than max_length: "truncate" (counted) or "window": split into windows of
+    # max_length tokens sharing window_stride tokens, embed each, average weighted by length.
+    long_documents: Literal["truncate", "window"] = "truncate"
+    window_stride: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _windows(self) -> "ModelConfig":
+        if self.max_length is not None and self.window_stride >= self.max_length:
+            raise ValueError(f"window_stride ({self.window_stride}) must be below max_length ({self.max_length})")
+        return self
 
 
 class ExtractionConfig(_Strict):
@@ -87,6 +101,13 @@ class ExtractionConfig(_Strict):
     layers: tuple[int, ...] = (-1,)
     exclude_special_tokens: bool = False  # drop [CLS]/[SEP]/... from mean and max pooling
     normalize: bool = False  # L2-normalise the final vector
+    # Prompting: the model sees demonstrations + instruction + template(preprocess(text)).
+    template: str | None = None  # with {text}; PromptEOL: 'This sentence : "{text}" means in one word:"'
+    preprocess: Literal["none", "prompteol"] = "none"  # prompteol: the PromptEOL sentence clean-up
+    instruction: str | None = None  # prefix, e.g. BGE's "Represent this sentence for searching relevant passages: "
+    exclude_instruction: bool = False  # leave instruction/demonstration tokens out of pooling
+    demonstrations: tuple[str, ...] = ()  # in-context examples prepended verbatim
+    projection: Literal["auto", "none"] = "auto"  # auto: apply a sentence-transformers Dense layer when the folder has one
 
     @field_validator("layers")
     @classmethod
@@ -102,6 +123,17 @@ class ExtractionConfig(_Strict):
                 f"pooling={self.pooling} reads the [CLS] special token, so "
                 "exclude_special_tokens must be false (or use pooling: mean/max)"
             )
+        if self.template is not None and self.template.count("{text}") != 1:
+            raise ValueError("extraction.template must contain {text} exactly once, e.g. 'This sentence : \"{text}\" means in one word:\"'")
+        if self.pooling == "mask_token" and "[MASK]" not in (self.template or ""):
+            raise ValueError(
+                "pooling=mask_token reads the [MASK] position of a prompt: set extraction.template, e.g. "
+                "'This sentence : \"{text}\" means [MASK] .' (PromptBERT)"
+            )
+        if self.exclude_instruction and not (self.instruction or self.demonstrations):
+            raise ValueError("exclude_instruction is set but there is no extraction.instruction or demonstrations")
+        if self.exclude_instruction and self.pooling not in ("mean", "max", "encoder_mean"):
+            raise ValueError(f"exclude_instruction applies to mean/max pooling, not pooling={self.pooling}")
         if self.pooling == "cls_pooler" and tuple(self.layers) != (-1,):
             raise ValueError(
                 "pooling=cls_pooler applies the model's pooler to the last layer; "
@@ -210,18 +242,35 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Load YAML (the embedded default when `path` is None), apply `--set` overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+def _merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def read_config_tree(path: Path, _seen: tuple = ()) -> dict:
+    """A YAML config as a dict. `extends: other.yaml` (relative to this file) names a base whose
+    keys this file overrides: presets extend the default so each is a complete config."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back on itself")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (input, output, model, ...)")
-    tree = copy.deepcopy(tree)
+    base = tree.pop("extends", None)
+    if base is not None:
+        tree = _merge(read_config_tree((path.parent / base), _seen + (path.resolve(),)), tree)
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load YAML (the embedded default when `path` is None), apply `--set` overrides, validate."""
+    tree = read_config_tree(Path(path) if path is not None else DEFAULT_CONFIG)
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)

