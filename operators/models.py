@@ -48,6 +48,8 @@ DECODER_TYPES = {
     "llama", "mistral", "mixtral", "opt", "gpt2", "gpt_neo", "gpt_neox", "gptj", "qwen2", "qwen3", "phi", "phi3",
     "gemma", "gemma2", "gemma3_text", "falcon", "bloom", "olmo", "olmo2", "stablelm", "starcoder2", "smollm3",
 }
+ENCODER_DECODER_TYPES = {"t5", "mt5", "umt5", "longt5"}
+FAMILY_NAMES = {"encoder": "a BERT-style encoder", "encoder_decoder": "a T5-style encoder-decoder", "decoder": "a decoder-only"}
 MODES_BY_FAMILY = {
     "encoder": ("cls", "cls_pooler", "mean", "max", "mask_token", "last_token"),
     "encoder_decoder": ("encoder_first", "encoder_mean", "decoder_first"),
@@ -57,7 +59,8 @@ MODES_BY_FAMILY = {
 
 def model_family(hf_config) -> str:
     """encoder (BERT-style), encoder_decoder (T5-style) or decoder (GPT/Llama/OPT-style)."""
-    if getattr(hf_config, "is_encoder_decoder", False):
+    # sentence-transformers saves a T5 encoder with is_encoder_decoder false: trust the type too
+    if getattr(hf_config, "is_encoder_decoder", False) or hf_config.model_type in ENCODER_DECODER_TYPES:
         return "encoder_decoder"
     archs = getattr(hf_config, "architectures", None) or []
     if hf_config.model_type in DECODER_TYPES or any(a.endswith("ForCausalLM") for a in archs):
@@ -79,7 +82,7 @@ def st_projection(folder: Path | None) -> dict | None:
     if folder is None or not (folder / "modules.json").is_file():
         return None
     modules = json.loads((folder / "modules.json").read_text())
-    dense = [m for m in modules if m.get("type", "").endswith("models.Dense")]
+    dense = [m for m in modules if m.get("type", "").rsplit(".", 1)[-1] == "Dense"]
     if not dense:
         return None
     if len(dense) > 1:
@@ -247,7 +250,7 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
     allowed = MODES_BY_FAMILY[family]
     if extraction.pooling not in allowed:
         raise ConfigError(
-            f"extraction.pooling={extraction.pooling} does not fit {name}, a {family.replace('_', '-')} model "
+            f"extraction.pooling={extraction.pooling} does not fit {name}, {FAMILY_NAMES[family]} model "
             f"({hf_config.model_type}); for it use one of: {', '.join(allowed)}"
         )
     archs = getattr(hf_config, "architectures", None) or []

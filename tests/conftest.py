@@ -116,3 +116,45 @@ def sample_sentences(n: int) -> list[str]:
     lines = (REPO / "configs" / "sample_corpus" / "part-000.jsonl").read_text().splitlines()
     texts = [json.loads(line)["text"] for line in lines]
     return (texts * (n // len(texts) + 1))[:n]
+
+
+def _save_tiny(folder, model, tokenizer_path) -> str:
+    from transformers import AutoTokenizer
+
+    model.eval().save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory, minilm_path) -> str:
+    """A random 2-layer T5 (d_model 32); MiniLM's WordPiece tokenizer stands in for SentencePiece."""
+    import torch
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(1)
+    cfg = T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=102)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-t5"), T5Model(cfg), minilm_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, minilm_path) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM(cfg), minilm_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory, minilm_path) -> str:
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(3)
+    cfg = OPTConfig(vocab_size=30522, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                    word_embed_proj_dim=32, max_position_embeddings=256, pad_token_id=0)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-opt"), OPTForCausalLM(cfg), minilm_path)
