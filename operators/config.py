@@ -161,12 +161,65 @@ class RayConfig(_Strict):
         return self
 
 
+class WhiteningConfig(_Strict):
+    """Fit (pipelines/fit_whitening.py) and apply (every pipeline) a whitening artifact."""
+
+    # What the fit reads: a path, glob or URI of raw text files (e.g. '../shared/data/wikitext-2/wiki.*.raw'),
+    # or a `datasets` id with its config, e.g. 'wikitext/wikitext-103-raw-v1' (needs a hub).
+    corpus: str | None = None
+    artifact: str | None = None  # URI of the artifact: written by the fit, read when applying
+    k: int | None = Field(None, ge=1)  # dimensions kept by whitening; None: all
+    method: Literal["pca", "zca"] = "pca"  # zca rotates back to the original basis (keeps all dims)
+    eps: float = Field(1e-6, ge=0)  # eigenvalue floor, relative to the largest eigenvalue
+    split: Literal["sentences", "lines"] = "sentences"  # lines: one paragraph per line
+    max_sentences: int = Field(20000, ge=2)  # cap on the fit corpus (covariance needs >> d rows)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+POSTPROCESS_STEPS = ("whiten", "remove_top_pcs", "zscore", "normalize")
+
+
 class PipelineConfig(_Strict):
     input: InputConfig
     output: OutputConfig
     model: ModelConfig
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    whitening: WhiteningConfig = Field(default_factory=WhiteningConfig)
+    # Ordered post-processing after extraction, e.g. [whiten, normalize] or [{remove_top_pcs: 1}, zscore].
+    # None: [whiten] when whitening.artifact is set, else nothing.
+    postprocess: tuple[str | dict[str, int], ...] | None = None
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "PipelineConfig":
+        steps = self.postprocess_steps()
+        for s in steps:
+            if s["op"] not in POSTPROCESS_STEPS:
+                raise ValueError(f"postprocess: unknown step {s['op']!r}; valid: {', '.join(POSTPROCESS_STEPS)}")
+            if s["op"] == "remove_top_pcs" and not isinstance(s.get("d"), int):
+                raise ValueError("postprocess: remove_top_pcs needs a count, e.g. {remove_top_pcs: 1}")
+        if any(s["op"] != "normalize" for s in steps) and not self.whitening.artifact:
+            raise ValueError("postprocess: whiten, remove_top_pcs and zscore need whitening.artifact (fit it with pipelines/fit_whitening.py)")
+        if self.whitening.method == "zca" and self.whitening.k is not None:
+            raise ValueError("whitening.k applies to method=pca; zca keeps every dimension")
+        return self
+
+    def postprocess_steps(self) -> list[dict]:
+        """The chain as dicts, whitening's settings folded into its step."""
+        raw = self.postprocess if self.postprocess is not None else (("whiten",) if self.whitening.artifact else ())
+        steps = []
+        for item in raw:
+            if isinstance(item, str):
+                step = {"op": item}
+            elif len(item) == 1:
+                (op, value), = item.items()
+                step = {"op": op, "d": value}
+            else:
+                raise ValueError(f"postprocess: each step is a name or a one-key mapping, got {item}")
+            if step["op"] == "whiten":
+                step.update(k=self.whitening.k, method=self.whitening.method, eps=self.whitening.eps)
+            steps.append(step)
+        return steps
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from operators.config import ExtractionConfig, ModelConfig
+from operators.config import ExtractionConfig, ModelConfig, StorageConfig
 from operators.extraction import pool
 from operators.models import ResolvedModel, local_source
+from operators.postprocess import FITTED, PostProcessor, load_artifact, output_dimension
 from operators.prompts import Formatted, format_input
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,6 +36,19 @@ class EmbedSpec:
     resolved: ResolvedModel
     output_dtype: str = "float32"
     num_threads: int | None = None  # torch intra-op threads on CPU; None: leave torch's default
+    postprocess: tuple[dict, ...] = ()  # PipelineConfig.postprocess_steps()
+    artifact: str | None = None  # whitening artifact URI, when a step needs it
+    artifact_storage: StorageConfig = field(default_factory=StorageConfig)
+
+    @classmethod
+    def from_config(cls, cfg, resolved: ResolvedModel, num_threads: int | None = None, postprocess: bool = True) -> "EmbedSpec":
+        """The spec for `cfg`; postprocess=False gives raw extraction output (what a fit reads)."""
+        steps = tuple(cfg.postprocess_steps()) if postprocess else ()
+        return cls(
+            model=cfg.model, extraction=cfg.extraction, resolved=resolved, output_dtype=cfg.output.dtype,
+            num_threads=num_threads, postprocess=steps, artifact=cfg.whitening.artifact,
+            artifact_storage=cfg.whitening.storage,
+        )
 
 
 def pick_device(requested: str) -> torch.device:
@@ -105,7 +119,16 @@ class Embedder:
         self.model.to(self.device).eval()
         self.takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
         self.max_length = r.max_length
-        self.dimension = r.dimension
+        self.post = None
+        if spec.postprocess:
+            fit = None
+            if any(s["op"] in FITTED for s in spec.postprocess):
+                from operators.storage import get_fs
+
+                fs, path = get_fs(spec.artifact, spec.artifact_storage)
+                fit = load_artifact(fs, path)[0]
+            self.post = PostProcessor(list(spec.postprocess), fit).to(self.device)
+        self.dimension = output_dimension(list(spec.postprocess), r.dimension)
         self.schema = output_schema(self.dimension, spec.output_dtype)
         self.pooler = getattr(self.model, "pooler", None) if spec.extraction.pooling == "cls_pooler" else None
         if spec.extraction.pooling == "cls_pooler" and self.pooler is None:
@@ -253,6 +276,8 @@ class Embedder:
                 vecs = self.projection(vecs)
             if ex.normalize:
                 vecs = torch.nn.functional.normalize(vecs, p=2, dim=-1)
+            if self.post is not None:  # on the model's device
+                vecs = self.post(vecs)
             out[idx] = vecs.float().cpu().numpy()
             n_tokens[idx] = np.bincount(owner, weights=lengths.numpy(), minlength=len(idx)).astype(np.int32)
             truncated[idx] = cut

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -172,3 +174,57 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
         b.n += 1
         b.reject(b.n, f"shard read error after record {b.n - 1}: {type(e).__name__}: {e}", None)
     yield b.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit corpora (Wikitext) for whitening
+
+_HEADING = re.compile(r"^\s*=+ .* =+\s*$")  # Wikitext ' = Title = ', ' = = Section = = '
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def split_text(raw_lines, split: str, limit: int) -> list[str]:
+    """Lines or sentences of raw text, headings and blank lines dropped, at most `limit`."""
+    out: list[str] = []
+    for line in raw_lines:
+        line = line.strip()
+        if not line or _HEADING.match(line):
+            continue
+        for piece in (_SENTENCE_END.split(line) if split == "sentences" else [line]):
+            piece = piece.strip()
+            if piece:
+                out.append(piece)
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+def looks_like_path(corpus: str) -> bool:
+    return "://" in corpus or any(c in corpus for c in "*?[") or corpus.startswith((".", "/", "~")) or os.path.exists(corpus)
+
+
+def read_fit_corpus(corpus: str, split: str, limit: int, storage) -> list[str]:
+    """The texts a whitening fit reads: raw text files (path, glob or any fsspec URI; .gz/.zst
+    fine), or a `datasets` id 'name/config' (its train split) where a hub is reachable."""
+    from operators.storage import InputError, list_shards
+
+    if looks_like_path(corpus):
+        texts: list[str] = []
+        for shard in list_shards(corpus, "text", storage):
+            fs, path = get_fs(shard.uri, storage)
+            with fs.open(path, "rt", encoding="utf-8", errors="replace", compression=shard.compression) as f:
+                texts += split_text(f, split, limit - len(texts))
+            if len(texts) >= limit:
+                break
+        return texts
+    try:
+        import datasets
+
+        name, _, config = corpus.partition("/")
+        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        return split_text((row["text"] for row in ds), split, limit)
+    except Exception as e:
+        raise InputError(
+            f"whitening.corpus: cannot load the dataset {corpus!r} ({type(e).__name__}: {e}). Without a hub, "
+            "point it at raw text files instead, e.g. '../shared/data/wikitext-2/wiki.*.raw'"
+        ) from e

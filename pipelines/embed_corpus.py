@@ -25,9 +25,11 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit --w
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from operators import __version__
-from operators.config import ConfigError, PipelineConfig, fingerprint, load_config, resolved_config_text
+from operators.config import ConfigError, PipelineConfig, load_config, resolved_config_text
 from operators.embed import ARROW_FLOATS, EmbedSpec
 from operators.models import ModelLoadError, ResolvedModel, resolve_model
+from operators.postprocess import ArtifactError
+from operators.provenance import build_provenance, check_artifact
 from operators.storage import InputError, Shard, check_writable, get_fs, list_shards
 from operators.writers import (
     STAGING_DIR,
@@ -51,33 +53,14 @@ class Plan:
     config_fingerprint: str
 
 
-def build_provenance(cfg: PipelineConfig, resolved: ResolvedModel) -> tuple[dict, str]:
-    """What the vectors depend on, hashed into the configuration fingerprint."""
-    identity = {
-        "model": dict(resolved.identity, dtype=cfg.model.dtype, max_length=resolved.max_length),
-        "extraction": cfg.extraction.model_dump(mode="json"),
-        "output_dtype": cfg.output.dtype,
-    }
-    fp = fingerprint(identity)
-    provenance = dict(
-        identity,
-        package="corpus-embed",
-        package_version=__version__,
-        model_type=resolved.model_type,
-        dimension=resolved.dimension,
-        normalized=cfg.extraction.normalize,
-        config_fingerprint=fp,
-    )
-    return provenance, fp
-
-
 def plan_run(cfg: PipelineConfig) -> Plan:
     """List and fingerprint the input, check the output and the model, and pick the shards that
     need embedding. Raises ConfigError/InputError/ModelLoadError before any work starts."""
     shards = list_shards(cfg.input.uri, cfg.input.format, cfg.input.storage)
     check_writable(cfg.output.uri, cfg.output.storage)
     resolved = resolve_model(cfg.model, cfg.extraction)
-    provenance, fp = build_provenance(cfg, resolved)
+    _, _, artifact_sha = check_artifact(cfg, resolved)
+    provenance, fp = build_provenance(cfg, resolved, artifact_sha)
 
     fs, out_dir = get_fs(cfg.output.uri, cfg.output.storage)
     manifest = load_manifest(fs, out_dir)
@@ -130,13 +113,7 @@ def embed(cfg: PipelineConfig, plan: Plan) -> dict:
     gpus = cfg.ray.gpus_per_actor
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    spec = EmbedSpec(
-        model=cfg.model,
-        extraction=cfg.extraction,
-        resolved=plan.resolved,
-        output_dtype=cfg.output.dtype,
-        num_threads=max(1, int(cfg.ray.cpus_per_actor)) if not gpus else None,
-    )
+    spec = EmbedSpec.from_config(cfg, plan.resolved, num_threads=max(1, int(cfg.ray.cpus_per_actor)) if not gpus else None)
     fs, out_dir = get_fs(cfg.output.uri, cfg.output.storage)
     staging_root = posixpath.join(out_dir, STAGING_DIR)
     if fs.exists(staging_root):  # parts of an earlier run that died: never committed, redo
@@ -146,7 +123,7 @@ def embed(cfg: PipelineConfig, plan: Plan) -> dict:
     coordinator = CommitCoordinator.remote(list(plans))
     sink = ShardedParquetSink(
         coordinator, cfg.output.uri, cfg.output.storage, staging, plans,
-        plan.resolved.dimension, ARROW_FLOATS[cfg.output.dtype], plan.provenance,
+        plan.provenance["dimension"], ARROW_FLOATS[cfg.output.dtype], plan.provenance,
     )
     ds = ray.data.read_datasource(ShardDatasource(plan.todo, cfg.input), num_cpus=cfg.ray.io_cpus)
     ds = ds.map_batches(
@@ -175,8 +152,8 @@ def run(cfg: PipelineConfig) -> dict:
     started = time.time()
     plan = plan_run(cfg)
     logger.info(
-        "model %s (%s, %d dims, max_length %d), config fingerprint %s",
-        cfg.model.name, plan.resolved.model_type, plan.resolved.dimension, plan.resolved.max_length, plan.config_fingerprint,
+        "model %s (%s, %d dims out, max_length %d), config fingerprint %s",
+        cfg.model.name, plan.resolved.model_type, plan.provenance["dimension"], plan.resolved.max_length, plan.config_fingerprint,
     )
     fs, out_dir = get_fs(cfg.output.uri, cfg.output.storage)
     summary = {
@@ -254,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         logger.info("corpus-embed %s, resolved config:\n%s", __version__, resolved_config_text(cfg))
         summary = run(cfg)
-    except (ConfigError, InputError, ModelLoadError) as e:
+    except (ConfigError, InputError, ModelLoadError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except IncompleteShardError as e:
