@@ -26,6 +26,7 @@ from operators.config import load_config
 from operators.embed import Embedder, EmbedSpec
 from operators.metrics import sts_spearman
 from operators.models import resolve_model
+from operators.provenance import check_artifact
 
 
 def read_pairs(uri: str) -> tuple[list[str], list[str], np.ndarray]:
@@ -51,8 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", action="append", required=True, help="STS pair file (repeatable)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    spec = EmbedSpec(cfg.model, cfg.extraction, resolve_model(cfg.model, cfg.extraction))
-    embedder = Embedder(spec)
+    resolved = resolve_model(cfg.model, cfg.extraction)
+    check_artifact(cfg, resolved)  # a whitening artifact must match this extraction config
+    embedder = Embedder(EmbedSpec.from_config(cfg, resolved))
     for uri in args.data:
         s1, s2, gold = read_pairs(uri)
         unique = sorted(set(s1) | set(s2))
