@@ -336,7 +336,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 # ---------------------------------------------------------------------------------------------
 # Logging and fingerprints
 
-_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|session|private|^key$|access_key|api_key)", re.I)
+# Keys whose last word names a secret: key, secret, token, password ... (not "exclude_special_tokens").
+_SECRET_KEY = re.compile(r"(^|[_.-])(secret|token|password|passwd|credentials?|session|key|private_key)$", re.I)
 _URI_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][\w+.-]*://)(?P<cred>[^/@\s]+)@")
 
 

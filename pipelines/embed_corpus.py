@@ -101,19 +101,36 @@ def init_ray(cfg: PipelineConfig) -> None:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
 
 
+def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec):
+    """`ds.map_batches(fn)` on the embedding actor pool: one GPU per actor when the cluster has
+    GPUs (unless ray.gpus_per_actor says otherwise), else CPU actors with torch threads set to
+    their CPU reservation. `make_spec(num_threads)` builds the EmbedSpec passed to `fn`."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpus = cfg.ray.gpus_per_actor
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    spec = make_spec(max(1, int(cfg.ray.cpus_per_actor)) if not gpus else None)
+    return ds.map_batches(
+        fn,
+        fn_constructor_args=(spec,),
+        batch_format="pyarrow",
+        batch_size=cfg.ray.batch_size,
+        compute=ActorPoolStrategy(min_size=cfg.ray.min_actors, max_size=cfg.ray.max_actors),
+        num_cpus=cfg.ray.cpus_per_actor,
+        num_gpus=gpus,
+    )
+
+
 def embed(cfg: PipelineConfig, plan: Plan) -> dict:
     """Run the Ray Data pipeline over `plan.todo`; return the coordinator's final state."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from operators.embed import Embedder
     from operators.ray_io import CommitCoordinator, ShardDatasource, ShardedParquetSink
 
     init_ray(cfg)
-    gpus = cfg.ray.gpus_per_actor
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    spec = EmbedSpec.from_config(cfg, plan.resolved, num_threads=max(1, int(cfg.ray.cpus_per_actor)) if not gpus else None)
     fs, out_dir = get_fs(cfg.output.uri, cfg.output.storage)
     staging_root = posixpath.join(out_dir, STAGING_DIR)
     if fs.exists(staging_root):  # parts of an earlier run that died: never committed, redo
@@ -126,15 +143,7 @@ def embed(cfg: PipelineConfig, plan: Plan) -> dict:
         plan.provenance["dimension"], ARROW_FLOATS[cfg.output.dtype], plan.provenance,
     )
     ds = ray.data.read_datasource(ShardDatasource(plan.todo, cfg.input), num_cpus=cfg.ray.io_cpus)
-    ds = ds.map_batches(
-        Embedder,
-        fn_constructor_args=(spec,),
-        batch_format="pyarrow",
-        batch_size=cfg.ray.batch_size,
-        compute=ActorPoolStrategy(min_size=cfg.ray.min_actors, max_size=cfg.ray.max_actors),
-        num_cpus=cfg.ray.cpus_per_actor,
-        num_gpus=gpus,
-    )
+    ds = map_on_actor_pool(ds, cfg, Embedder, lambda threads: EmbedSpec.from_config(cfg, plan.resolved, num_threads=threads))
     error = None
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.io_cpus})
@@ -214,31 +223,33 @@ def format_summary(s: dict) -> str:
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cli(description: str, argv: list[str] | None, work, summarize) -> int:
+    """The shared command line of the pipelines: --config/--set, the resolved config logged,
+    exit 2 for problems found before work starts, 1 for a run that failed part-way."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set input.uri=s3://bucket/corpus/ (repeatable)",
     )
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
         logger.info("corpus-embed %s, resolved config:\n%s", __version__, resolved_config_text(cfg))
-        summary = run(cfg)
+        result = work(cfg)
     except (ConfigError, InputError, ModelLoadError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except IncompleteShardError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    print(format_summary(summary), flush=True)
+    print(summarize(result), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(__doc__, argv, run, format_summary)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ it is refused for any other model or extraction config.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -27,10 +26,10 @@ import numpy as np
 import pyarrow as pa
 
 from operators import __version__
-from operators.config import ConfigError, PipelineConfig, fingerprint, load_config, resolved_config_text
+from operators.config import ConfigError, PipelineConfig, fingerprint
 from operators.embed import Embedder, EmbedSpec
-from operators.models import ModelLoadError, resolve_model
-from operators.postprocess import ArtifactError, Fit, Moments, save_artifact
+from operators.models import resolve_model
+from operators.postprocess import Fit, Moments, save_artifact
 from operators.provenance import extraction_identity
 from operators.readers import read_fit_corpus
 from operators.storage import InputError, commit_file, get_fs
@@ -53,9 +52,8 @@ class BatchMoments:
 def fit(cfg: PipelineConfig) -> dict:
     """Read, embed, accumulate, write the artifact; returns a summary."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from pipelines.embed_corpus import init_ray
+    from pipelines.embed_corpus import init_ray, map_on_actor_pool
 
     w = cfg.whitening
     if not w.corpus or not w.artifact:
@@ -76,19 +74,10 @@ def fit(cfg: PipelineConfig) -> dict:
     logger.info("fitting on %d %s from %s", len(texts), w.split, w.corpus)
 
     init_ray(cfg)
-    gpus = cfg.ray.gpus_per_actor
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    spec = EmbedSpec.from_config(cfg, resolved, num_threads=max(1, int(cfg.ray.cpus_per_actor)) if not gpus else None, postprocess=False)
     ds = ray.data.from_items([{"text": t} for t in texts], override_num_blocks=max(1, len(texts) // cfg.ray.batch_size))
-    ds = ds.map_batches(
-        BatchMoments,
-        fn_constructor_args=(spec,),
-        batch_format="pyarrow",
-        batch_size=cfg.ray.batch_size,
-        compute=ActorPoolStrategy(min_size=cfg.ray.min_actors, max_size=cfg.ray.max_actors),
-        num_cpus=cfg.ray.cpus_per_actor,
-        num_gpus=gpus,
+    ds = map_on_actor_pool(
+        ds, cfg, BatchMoments,
+        lambda threads: EmbedSpec.from_config(cfg, resolved, num_threads=threads, postprocess=False),  # raw extraction
     )
     d = resolved.dimension
     total = Moments.zeros(d)
@@ -119,26 +108,18 @@ def fit(cfg: PipelineConfig) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-        logger.info("corpus-embed %s, resolved config:\n%s", __version__, resolved_config_text(cfg))
-        s = fit(cfg)
-    except (ConfigError, InputError, ModelLoadError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+def format_fit(s: dict) -> str:
     ev = s["eigenvalues"]
-    print(
+    return (
         f"done: whitening fitted on {s['count']} texts, {s['dimension']} dims, eigenvalues {ev['max']:.3g}..{ev['min']:.3g} "
-        f"({ev['below_floor']} below the floor) in {s['seconds']:.1f}s -> {s['artifact']} (sha256 {s['sha256'][:16]})",
-        flush=True,
+        f"({ev['below_floor']} below the floor) in {s['seconds']:.1f}s -> {s['artifact']} (sha256 {s['sha256'][:16]})"
     )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.embed_corpus import cli
+
+    return cli(__doc__, argv, fit, format_fit)
 
 
 if __name__ == "__main__":

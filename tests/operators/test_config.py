@@ -97,6 +97,7 @@ def test_secrets_are_redacted_in_the_logged_config(tmp_path):
     for secret in ("AKIAXXXX", "hunter2", "tok,", "pa55"):
         assert secret not in text
     assert "eu-west-1" in text  # non-secrets stay visible
+    assert "exclude_special_tokens: false" in text
     assert redact({"aws_secret_access_key": "x", "endpoint_url": "http://h"}) == {
         "aws_secret_access_key": "***",
         "endpoint_url": "http://h",
