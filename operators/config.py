@@ -176,6 +176,17 @@ class WhiteningConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
 
+class EvalConfig(_Strict):
+    """pipelines/evaluate.py: held-out benchmarks (layout in the README)."""
+
+    data_dir: str = "../shared/data"  # benchmark folder or fsspec URI
+    tasks: tuple[str, ...] | None = None  # e.g. [sts/stsb, clustering/banking77, classification/mr]; None: all
+    sts_variant: Literal["raw", "senteval"] = "raw"  # senteval: Moses-tokenized, lowercased text
+    folds: int = Field(10, ge=2)  # cross-validation folds for MR, CR, SUBJ, MPQA
+    max_train: int | None = Field(None, ge=10)  # cap on classifier training rows (SST-2 has 67k)
+    chunk: int = Field(8192, ge=1)  # texts embedded per cached chunk: the unit of resume after a crash
+
+
 POSTPROCESS_STEPS = ("whiten", "remove_top_pcs", "zscore", "normalize")
 
 
@@ -188,6 +199,7 @@ class PipelineConfig(_Strict):
     # Ordered post-processing after extraction, e.g. [whiten, normalize] or [{remove_top_pcs: 1}, zscore].
     # None: [whiten] when whitening.artifact is set, else nothing.
     postprocess: tuple[str | dict[str, int], ...] | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
