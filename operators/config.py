@@ -183,7 +183,7 @@ class EvalConfig(_Strict):
     tasks: tuple[str, ...] | None = None  # e.g. [sts/stsb, clustering/banking77, classification/mr]; None: all
     sts_variant: Literal["raw", "senteval"] = "raw"  # senteval: Moses-tokenized, lowercased text
     folds: int = Field(10, ge=2)  # cross-validation folds for MR, CR, SUBJ, MPQA
-    max_train: int | None = Field(None, ge=10)  # cap on classifier training rows (SST-2 has 67k)
+    max_train: int | None = Field(None, ge=10)  # cap on training rows of split tasks (SST-2 has 67k phrases); CV sets stay whole
     chunk: int = Field(8192, ge=1)  # texts embedded per cached chunk: the unit of resume after a crash
 
 

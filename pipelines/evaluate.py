@@ -78,6 +78,11 @@ def load_tasks(cfg: PipelineConfig, tasks: list[str]) -> dict:
             data[task] = load_clustering(d, name)
         else:
             data[task] = load_classification(d, name)
+            cap = cfg.eval.max_train
+            if data[task].test_texts and cap and len(data[task].texts) > cap:  # before embedding: saves the work
+                keep = np.sort(np.random.default_rng(0).permutation(len(data[task].texts))[:cap])
+                data[task].texts = [data[task].texts[i] for i in keep]
+                data[task].labels = data[task].labels[keep]
     return data
 
 
@@ -165,9 +170,6 @@ def score(cfg: PipelineConfig, data: dict, vec) -> dict:
             }
         else:
             x, y = vec(value.texts), value.labels
-            if cfg.eval.max_train and len(y) > cfg.eval.max_train:
-                keep = np.random.default_rng(0).permutation(len(y))[: cfg.eval.max_train]
-                x, y = x[keep], y[keep]
             if name in CV_TASKS:
                 acc = classification_accuracy(x, y, folds=cfg.eval.folds)
                 protocol = f"{cfg.eval.folds}-fold CV"

@@ -156,7 +156,7 @@ def test_missing_bucket_fails_fast(s3_endpoint, tmp_path, capsys):
         (["model.name={tmp}/no-model"], "model.name: cannot load"),
         (["model.name=package://not_a_real_model_pkg"], "pip install not-a-real-model-pkg"),
         (["extraction.layers=[7]"], "extraction.layers: 7 is out of range"),
-        (["extraction.pooling=avg"], "choose one of 'cls', 'cls_pooler', 'mean' or 'max'"),
+        (["extraction.pooling=avg"], "choose one of 'cls', 'cls_pooler', 'mean', 'max', 'last_token'"),
         (["model.nme=x"], "model.nme: unknown key"),
         (["output.uri=/proc/forbidden/out"], "output.uri: cannot write"),
     ],
