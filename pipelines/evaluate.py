@@ -128,7 +128,8 @@ def embed_cached(cfg: PipelineConfig, spec_for, texts: list[str], cache_dir: str
             },
             schema=READ_SCHEMA,
         )
-        ds = ray.data.from_arrow(rows).repartition(max(1, len(chunk) // cfg.ray.batch_size))
+        step = cfg.ray.batch_size  # one block per actor call, no shuffle stage
+        ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, len(chunk), step)])
         ds = map_on_actor_pool(ds, cfg, Embedder, spec_for)
         keys, embs = [], []
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
