@@ -161,11 +161,11 @@ class Embedder:
             return_tensors="pt",
         )
 
-    def _fit_prompts(self, texts: list[str], formatted: list[Formatted]) -> list[Formatted]:
+    def _fit_prompts(self, texts: list[str], formatted: list[Formatted], too_long: np.ndarray) -> list[Formatted]:
         """With a template or instruction, cut the document, never the prompt around it: a
         truncated PromptEOL input must still end in 'in one word:"'."""
         out = list(formatted)
-        for i, f in enumerate(formatted):
+        for i in np.flatnonzero(too_long):
             for _ in range(4):
                 n = len(self.tokenizer(out[i].text)["input_ids"])
                 if n <= self.max_length:
@@ -192,7 +192,7 @@ class Embedder:
         counts = np.bincount(mapping, minlength=len(texts))
         truncated = counts > 1
         if prompted and truncated.any():
-            formatted = self._fit_prompts(list(texts), formatted)
+            formatted = self._fit_prompts(list(texts), formatted, truncated)
             enc = self._encode([f.text for f in formatted], windows=False)
             mapping = enc.pop("overflow_to_sample_mapping").numpy()
         if windows:
