@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators.config import InputConfig
-from operators.storage import Shard, get_fs
+from operators.storage import InputError, Shard, get_fs, list_shards
 
 READ_SCHEMA = pa.schema(
     [
@@ -206,8 +206,6 @@ def looks_like_path(corpus: str) -> bool:
 def read_fit_corpus(corpus: str, split: str, limit: int, storage) -> list[str]:
     """The texts a whitening fit reads: raw text files (path, glob or any fsspec URI; .gz/.zst
     fine), or a `datasets` id 'name/config' (its train split) where a hub is reachable."""
-    from operators.storage import InputError, list_shards
-
     if looks_like_path(corpus):
         texts: list[str] = []
         for shard in list_shards(corpus, "text", storage):

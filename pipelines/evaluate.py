@@ -41,7 +41,7 @@ from operators.models import ModelLoadError, resolve_model
 from operators.postprocess import ArtifactError
 from operators.provenance import build_provenance, check_artifact
 from operators.readers import READ_SCHEMA, looks_like_path
-from operators.storage import InputError
+from operators.storage import InputError, commit_file
 
 logger = logging.getLogger("corpus_embed.evaluate")
 
@@ -139,7 +139,7 @@ def embed_cached(cfg: PipelineConfig, spec_for, texts: list[str], cache_dir: str
         table = pa.table({"key": keys, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1])})
         tmp = posixpath.join(cache_dir, f".part-{n_parts:05d}.tmp")
         pq.write_table(table, tmp)
-        fs.mv(tmp, posixpath.join(cache_dir, f"part-{n_parts:05d}.parquet"))
+        commit_file(fs, tmp, posixpath.join(cache_dir, f"part-{n_parts:05d}.parquet"))
         n_parts += 1
         vectors.update(zip(keys, emb))
     return vectors
