@@ -78,7 +78,13 @@ class ModelConfig(_Strict):
     dtype: ModelDtype = "float32"  # bfloat16/float16 halve memory and are faster on GPUs
     device: Device = "auto"  # auto: cuda when the actor has a GPU, else cpu
     max_length: int | None = Field(None, ge=1)  # tokens; None: the model's own limit
-    batch_size: int = Field(64, ge=1)  # texts per forward pass: throughput vs activation memory
+    # Forward passes take length-sorted runs of the actor's batch (ray.batch_size rows), up to batch_size
+    # texts and max_batch_tokens padded tokens each: sorting cuts padding, the token budget bounds
+    # activation memory. batch_size None: 32 on CPU (small batches stay in cache), 256 on GPU.
+    batch_size: int | None = Field(None, ge=1)
+    max_batch_tokens: int = Field(16384, ge=1)
+    # auto: transformers' choice (SDPA where the model supports it); sdpa, eager, flash_attention_2 force one
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
     gguf_file: str | None = None  # a .gguf file in the model folder (transformers dequantizes it)
     padding_side: Literal["auto", "left", "right"] = "auto"  # auto: the tokenizer's own
@@ -147,12 +153,19 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1)  # local cluster only; None: all cores
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
-    # CPUs reserved per embedding actor. Keep below the node's cores so read and write tasks
-    # still get scheduled (on 2 cores, 1). Also the torch thread count on CPU.
+    # CPUs reserved per embedding actor (a Ray scheduling unit, not the thread count). Keep below the
+    # node's cores so read, tokenize and write tasks still get scheduled (on 2 cores, 1).
     cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
-    batch_size: int = Field(256, ge=1)  # rows per actor call
+    # None: on a GPU cluster 0.5 for models under 1B parameters (two actors share a GPU), else 1; 0 on CPU
+    gpus_per_actor: float | None = Field(None, ge=0)
+    batch_size: int = Field(1024, ge=1)  # rows per actor call: the window sorted by length before batching
+    # torch threads per CPU actor; None: the node's CPUs / max_actors (the actors are the only heavy work,
+    # reads, tokenization and writes are light and interleave)
+    threads_per_actor: int | None = Field(None, ge=1)
     io_cpus: float = Field(0.25, gt=0)  # CPUs reserved per read/write task
+    # read+tokenize tasks at once (one worker process each: each imports transformers once).
+    # None: max(2, the cluster's CPUs / 4); one process tokenizes ~10,000 sentences/s.
+    read_tasks: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _bounds(self) -> "RayConfig":

@@ -9,46 +9,21 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from operators.config import ExtractionConfig, ModelConfig, StorageConfig
 from operators.extraction import pool
-from operators.models import ResolvedModel, local_source
+from operators.models import local_source
 from operators.postprocess import FITTED, PostProcessor, load_artifact, output_dimension
-from operators.prompts import Formatted, format_input
+from operators.tokenize import EmbedSpec, Encoded, TextEncoder, decode_tokens, embeddable, plan_batches
+
+__all__ = ["ARROW_FLOATS", "EmbedSpec", "Embedder", "output_schema", "pick_device"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ARROW_FLOATS = {"float32": pa.float32(), "float16": pa.float16()}
 PASSTHROUGH = ("id", "shard", "line", "reason", "raw", "eof")
-
-
-@dataclass(frozen=True)
-class EmbedSpec:
-    """Everything an embedding actor needs, in one picklable object."""
-
-    model: ModelConfig
-    extraction: ExtractionConfig
-    resolved: ResolvedModel
-    output_dtype: str = "float32"
-    num_threads: int | None = None  # torch intra-op threads on CPU; None: leave torch's default
-    postprocess: tuple[dict, ...] = ()  # PipelineConfig.postprocess_steps()
-    artifact: str | None = None  # whitening artifact URI, when a step needs it
-    artifact_storage: StorageConfig = field(default_factory=StorageConfig)
-
-    @classmethod
-    def from_config(cls, cfg, resolved: ResolvedModel, num_threads: int | None = None, postprocess: bool = True) -> "EmbedSpec":
-        """The spec for `cfg`; postprocess=False gives raw extraction output (what a fit reads)."""
-        steps = tuple(cfg.postprocess_steps()) if postprocess else ()
-        return cls(
-            model=cfg.model, extraction=cfg.extraction, resolved=resolved, output_dtype=cfg.output.dtype,
-            num_threads=num_threads, postprocess=steps, artifact=cfg.whitening.artifact,
-            artifact_storage=cfg.whitening.storage,
-        )
 
 
 def pick_device(requested: str) -> torch.device:
@@ -71,6 +46,7 @@ def output_schema(dimension: int, output_dtype: str = "float32") -> pa.Schema:
             ("embedding", pa.list_(ARROW_FLOATS[output_dtype], dimension)),
             ("n_tokens", pa.int32()),  # tokens fed to the model, special tokens included
             ("truncated", pa.bool_()),  # longer than model.max_length and cut
+            ("padded_tokens", pa.int32()),  # n_tokens plus the padding its forward batch added
         ]
     )
 
@@ -92,34 +68,44 @@ def load_projection(source: str, spec: dict, device: torch.device) -> torch.nn.M
     return torch.nn.Sequential(linear, act).to(device).eval()
 
 
+# -- the model actor ----------------------------------------------------------------------------
+
+
 class Embedder:
-    """Load in __init__, embed in __call__(pa.Table) -> pa.Table."""
+    """The model actor: load in __init__, embed in __call__(pa.Table) -> pa.Table.
+
+    Batches that carry the tokenize stage's columns are embedded as they are; batches of text
+    only (direct calls, tests) are tokenized here first."""
 
     def __init__(self, spec: EmbedSpec):
-        from transformers import AutoModel, AutoModelForTextEncoding, AutoTokenizer
+        from transformers import AutoModel, AutoModelForTextEncoding
 
         self.spec = spec
         r = spec.resolved
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
         self.device = pick_device(spec.model.device)
+        self.encoder = TextEncoder(spec)
+        self.tokenizer = self.encoder.tokenizer
+        self.max_length = r.max_length
+        self.batch_size = spec.model.batch_size or (256 if self.device.type == "cuda" else 32)
+        self.dimension = output_dimension(list(spec.postprocess), r.dimension) if not spec.noop else r.dimension
+        self.schema = output_schema(self.dimension, spec.output_dtype)
+        self.model = self.post = self.pooler = self.projection = None
+        if spec.noop:  # the data path alone: tokenize, bucket, pass through, write
+            return
         source = local_source(r)
         kwargs = dict(revision=r.revision, trust_remote_code=spec.model.trust_remote_code)
         if r.gguf_file:
             kwargs["gguf_file"] = r.gguf_file
-        self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        if self.tokenizer.pad_token is None:  # decoder LLMs often ship without one
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        if spec.model.padding_side != "auto":
-            self.tokenizer.padding_side = spec.model.padding_side
+        if spec.model.attn_implementation != "auto":
+            kwargs["attn_implementation"] = spec.model.attn_implementation
         # T5 modes that only read the encoder load the encoder alone (half the weights).
         encoder_only = r.family == "encoder_decoder" and spec.extraction.pooling != "decoder_first"
         loader = AutoModelForTextEncoding if encoder_only else AutoModel
         self.model = loader.from_pretrained(source, dtype=TORCH_DTYPES[spec.model.dtype], **kwargs)
         self.model.to(self.device).eval()
         self.takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
-        self.max_length = r.max_length
-        self.post = None
         if spec.postprocess:
             fit = None
             if any(s["op"] in FITTED for s in spec.postprocess):
@@ -128,93 +114,14 @@ class Embedder:
                 fs, path = get_fs(spec.artifact, spec.artifact_storage)
                 fit = load_artifact(fs, path)[0]
             self.post = PostProcessor(list(spec.postprocess), fit).to(self.device)
-        self.dimension = output_dimension(list(spec.postprocess), r.dimension)
-        self.schema = output_schema(self.dimension, spec.output_dtype)
         self.pooler = getattr(self.model, "pooler", None) if spec.extraction.pooling == "cls_pooler" else None
         if spec.extraction.pooling == "cls_pooler" and self.pooler is None:
             raise RuntimeError(f"pooling=cls_pooler: {type(self.model).__name__} has no pooler module")
         self.projection = load_projection(source, r.projection, self.device) if r.projection else None
 
-    # -- tokenization -----------------------------------------------------------------------
-
-    def format(self, texts: list[str]) -> list[Formatted]:
-        ex = self.spec.extraction
-        return [
-            format_input(
-                t, template=ex.template, preprocess=ex.preprocess, instruction=ex.instruction,
-                demonstrations=ex.demonstrations, mask_token=self.tokenizer.mask_token,
-            )
-            for t in texts
-        ]
-
-    def _encode(self, texts: list[str], *, windows: bool) -> dict:
-        ex = self.spec.extraction
-        return self.tokenizer(
-            texts,
-            truncation=True,
-            max_length=self.max_length,
-            stride=self.spec.model.window_stride if windows else 0,
-            padding=True,
-            return_overflowing_tokens=True,
-            return_special_tokens_mask=ex.exclude_special_tokens,
-            return_offsets_mapping=ex.exclude_instruction,
-            return_tensors="pt",
-        )
-
-    def _fit_prompts(self, texts: list[str], formatted: list[Formatted], too_long: np.ndarray) -> list[Formatted]:
-        """With a template or instruction, cut the document, never the prompt around it: a
-        truncated PromptEOL input must still end in 'in one word:"'."""
-        out = list(formatted)
-        for i in np.flatnonzero(too_long):
-            for _ in range(4):
-                n = len(self.tokenizer(out[i].text)["input_ids"])
-                if n <= self.max_length:
-                    break
-                doc = self.tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)
-                keep = max(1, len(doc["input_ids"]) - (n - self.max_length) - 1)
-                texts[i] = texts[i][: doc["offset_mapping"][keep - 1][1]] if keep < len(doc["input_ids"]) else texts[i][:-1]
-                out[i] = self.format([texts[i]])[0]
-        return out
-
-    def tokenize(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
-        """Format and tokenize a mini-batch. Returns the model inputs (plus the masks pooling
-        needs: special_tokens_mask, exclude_mask, target_mask), which input row each tokenized
-        row belongs to, and which inputs were truncated.
-
-        Overflow windows are requested so truncation is detected exactly. In truncate mode only
-        each input's first window is kept; in window mode all windows are kept."""
-        ex = self.spec.extraction
-        windows = self.spec.model.long_documents == "window"
-        formatted = self.format(texts)
-        prompted = bool(ex.template or ex.instruction or ex.demonstrations)
-        enc = self._encode([f.text for f in formatted], windows=windows)
-        mapping = enc.pop("overflow_to_sample_mapping").numpy()
-        counts = np.bincount(mapping, minlength=len(texts))
-        truncated = counts > 1
-        if prompted and truncated.any():
-            formatted = self._fit_prompts(list(texts), formatted, truncated)
-            enc = self._encode([f.text for f in formatted], windows=False)
-            mapping = enc.pop("overflow_to_sample_mapping").numpy()
-        if windows:
-            keep = np.arange(len(mapping))
-            truncated = np.zeros(len(texts), dtype=bool)
-        else:
-            keep = np.flatnonzero(np.r_[True, mapping[1:] != mapping[:-1]])
-        rows = torch.from_numpy(keep)
-        tensors = {k: v[rows] for k, v in enc.items() if isinstance(v, torch.Tensor)}
-        offsets = tensors.pop("offset_mapping", None)
-        if offsets is not None:
-            prefix = torch.tensor([formatted[i].prefix_chars for i in mapping[keep]]).unsqueeze(1)
-            starts, ends = offsets[..., 0], offsets[..., 1]
-            tensors["exclude_mask"] = (starts < prefix) & (ends > starts)
-        if ex.pooling == "mask_token":
-            tensors["target_mask"] = tensors["input_ids"] == self.tokenizer.mask_token_id
-        # Drop the columns that are padding in every row (windows of long texts set the width).
-        attended = tensors["attention_mask"].bool().any(dim=0)
-        cols = attended.nonzero().flatten()
-        lo, hi = int(cols.min()), int(cols.max()) + 1
-        tensors = {k: v[:, lo:hi] for k, v in tensors.items()}
-        return tensors, mapping[keep], truncated
+    @property
+    def attn_implementation(self) -> str | None:
+        return getattr(getattr(self.model, "config", None), "_attn_implementation", None)
 
     # -- forward + extraction ---------------------------------------------------------------
 
@@ -228,76 +135,108 @@ class Embedder:
             start = torch.full((n, 1), self.model.config.decoder_start_token_id, device=self.device)
             out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], decoder_input_ids=start, **kw)
             return out.decoder_hidden_states if need_all_layers else (out.last_hidden_state,)
-        model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in inputs}
+        model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
         if family == "decoder" and self.takes_position_ids:
             # Positions count real tokens only, so left padding gives the same states as right.
             model_inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(**model_inputs, **kw)
         return out.hidden_states if need_all_layers else (out.last_hidden_state,)
 
+    def pad(self, enc: Encoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Pad windows `idx` to their longest, on the tokenizer's padding side; on CUDA through
+        pinned host memory with a non-blocking copy."""
+        lengths = [len(enc.windows[i]) for i in idx]
+        width = max(lengths)
+        ids = np.full((len(idx), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(idx), width), dtype=np.int64)
+        exclude = np.zeros((len(idx), width), dtype=bool) if enc.exclude is not None else None
+        left = self.tokenizer.padding_side == "left"
+        for row, (i, n) in enumerate(zip(idx, lengths)):
+            cols = slice(width - n, width) if left else slice(0, n)
+            ids[row, cols] = enc.windows[i]
+            mask[row, cols] = 1
+            if exclude is not None:
+                exclude[row, cols] = enc.exclude[i]
+        arrays = {"input_ids": ids, "attention_mask": mask}
+        if exclude is not None:
+            arrays["exclude_mask"] = exclude
+        pin = self.device.type == "cuda"
+        return {k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(self.device, non_blocking=pin) for k, v in arrays.items()}
+
     @torch.inference_mode()
-    def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(embeddings float32 [n, d], n_tokens int32 [n], truncated bool [n]) in input order."""
+    def embed_encoded(self, enc: Encoded, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(embeddings float32 [n, d], n_tokens int32 [n], truncated bool [n], padded_tokens int32 [n])
+        for `n` texts, in input order. Windows go through the model in length-bucketed batches."""
         ex = self.spec.extraction
-        n = len(texts)
+        lengths = enc.lengths
+        n_tokens = np.bincount(enc.owner, weights=lengths, minlength=n).astype(np.int32)
+        padded = np.zeros(len(lengths), dtype=np.int64)
         out = np.zeros((n, self.dimension), dtype=np.float32)
-        n_tokens = np.zeros(n, dtype=np.int32)
-        truncated = np.zeros(n, dtype=bool)
-        # Length-sorted mini-batches waste less compute on padding.
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        bs = self.spec.model.batch_size
+        batches = plan_batches(lengths, self.spec.model.max_batch_tokens, self.batch_size)
+        for idx in batches:
+            padded[idx] = lengths[idx].max()
+        padded_tokens = np.bincount(enc.owner, weights=padded, minlength=n).astype(np.int32)
+        if self.spec.noop or not len(lengths):
+            return out, n_tokens, enc.truncated.copy(), padded_tokens
         need_all_layers = set(ex.layers) != {-1}
-        for start in range(0, n, bs):
-            idx = order[start : start + bs]
-            tensors, owner, cut = self.tokenize([texts[i] for i in idx])
-            inputs = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
+        pooled = []
+        for idx in batches:
+            inputs = self.pad(enc, idx)
             hidden = self.forward(inputs, need_all_layers)
             mask = inputs["attention_mask"]
             if self.spec.resolved.family == "encoder_decoder" and ex.pooling == "decoder_first":
                 mask = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
-            vecs = pool(
-                hidden,
-                mask,
-                pooling=ex.pooling,
-                layers=ex.layers,
-                special_tokens_mask=inputs.get("special_tokens_mask"),
-                exclude_special_tokens=ex.exclude_special_tokens,
-                exclude_mask=inputs.get("exclude_mask"),
-                target_mask=inputs.get("target_mask"),
-                pooler=self.pooler,
-            )
-            lengths = tensors["attention_mask"].sum(dim=1)
-            if len(owner) != len(idx):  # windows: average each input's windows, weighted by length
-                weights = torch.zeros(len(idx), len(owner))
-                weights[torch.from_numpy(owner), torch.arange(len(owner))] = lengths.float()
-                weights = weights / weights.sum(dim=1, keepdim=True)
-                vecs = weights.to(vecs.device) @ vecs
-            if self.projection is not None:
-                vecs = self.projection(vecs)
-            if ex.normalize:
-                vecs = torch.nn.functional.normalize(vecs, p=2, dim=-1)
-            if self.post is not None:  # on the model's device
-                vecs = self.post(vecs)
-            out[idx] = vecs.float().cpu().numpy()
-            n_tokens[idx] = np.bincount(owner, weights=lengths.numpy(), minlength=len(idx)).astype(np.int32)
-            truncated[idx] = cut
-        return out, n_tokens, truncated
+            target = inputs["input_ids"] == self.tokenizer.mask_token_id if ex.pooling == "mask_token" else None
+            pooled.append(pool(
+                hidden, mask, pooling=ex.pooling, layers=ex.layers, exclude_mask=inputs.get("exclude_mask"),
+                target_mask=target, pooler=self.pooler,
+            ))
+        order = torch.from_numpy(np.argsort(np.concatenate(batches), kind="stable")).to(self.device)
+        vecs = torch.cat(pooled)[order]  # back to window order
+        if len(lengths) != n:  # windows: average each text's windows, weighted by length
+            weights = torch.zeros(n, len(lengths))
+            weights[torch.from_numpy(enc.owner), torch.arange(len(lengths))] = torch.from_numpy(lengths).float()
+            weights = weights / weights.sum(dim=1, keepdim=True)
+            vecs = weights.to(vecs.device) @ vecs
+        if self.projection is not None:
+            vecs = self.projection(vecs)
+        if ex.normalize:
+            vecs = torch.nn.functional.normalize(vecs, p=2, dim=-1)
+        if self.post is not None:  # on the model's device
+            vecs = self.post(vecs)
+        out[:] = vecs.float().cpu().numpy()
+        return out, n_tokens, enc.truncated.copy(), padded_tokens
+
+    def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(embeddings float32 [n, d], n_tokens int32 [n], truncated bool [n]) in input order."""
+        vecs, ntok, cut, _ = self.embed_encoded(self.encoder.encode(texts), len(texts))
+        return vecs, ntok, cut
+
+    def embed_batch(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(rows embedded, and embed_encoded's four arrays for them) for a read or tokenized batch."""
+        rows = np.flatnonzero(embeddable(batch))
+        if "input_ids" in batch.column_names:
+            enc = decode_tokens(batch, rows)
+        else:
+            enc = self.encoder.encode(batch.column("text").take(pa.array(rows, type=pa.int64())).to_pylist())
+        return (rows, *self.embed_encoded(enc, len(rows)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        ok = pc.and_(pc.is_null(batch.column("reason")), pc.invert(batch.column("eof"))).to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(ok)
-        texts = batch.column("text").take(pa.array(rows, type=pa.int64())).to_pylist()
-        vecs, ntok, cut = self.embed_texts(texts) if texts else (np.zeros((0, self.dimension), np.float32), [], [])
+        rows, vecs, ntok, cut, pad = self.embed_batch(batch)
+        ok = np.zeros(n, dtype=bool)
+        ok[rows] = True
         full = np.zeros((n, self.dimension), dtype=np.float32)
         full[rows] = vecs
-        tokens = np.zeros(n, dtype=np.int32)
-        tokens[rows] = ntok
-        truncated = np.zeros(n, dtype=bool)
-        truncated[rows] = cut
+        columns = {}
+        for name, values, dtype in (("n_tokens", ntok, np.int32), ("truncated", cut, bool), ("padded_tokens", pad, np.int32)):
+            col = np.zeros(n, dtype=dtype)
+            col[rows] = values
+            columns[name] = col
         value_type = ARROW_FLOATS[self.spec.output_dtype]
         flat = pa.array(full.astype(value_type.to_pandas_dtype()).ravel(), type=value_type)
         embedding = pa.FixedSizeListArray.from_arrays(flat, self.dimension, mask=pa.array(~ok))
-        columns = [batch.column(name) for name in PASSTHROUGH]
-        columns += [embedding, pa.array(tokens, pa.int32()), pa.array(truncated, pa.bool_())]
-        return pa.Table.from_arrays(columns, schema=self.schema)
+        out = [batch.column(name) for name in PASSTHROUGH]
+        out += [embedding, pa.array(columns["n_tokens"], pa.int32()), pa.array(columns["truncated"], pa.bool_()),
+                pa.array(columns["padded_tokens"], pa.int32())]
+        return pa.Table.from_arrays(out, schema=self.schema)

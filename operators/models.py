@@ -42,6 +42,24 @@ class ResolvedModel:
     projection: dict | None = None  # a sentence-transformers Dense layer: folder, sizes, activation
     uri: str | None = None  # the original fsspec URI when copied from object storage
     storage: StorageConfig = field(default_factory=StorageConfig)
+    parameters: int | None = None  # estimated from the config: sizes GPU shares
+    layer_parameters: int | None = None  # the same without the embedding tables: 2 x this = FLOPs per token
+
+
+def estimate_parameters(hf_config) -> tuple[int, int] | tuple[None, None]:
+    """(all, non-embedding) parameter counts from the config alone: 4 h^2 of attention and 2 or 3
+    h x ff feed-forward matrices per layer, plus vocab x h of embeddings; within a few percent for
+    BERT, T5 and Llama-style models (biases and norms left out)."""
+    h = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "d_model", None)
+    layers = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "num_layers", None)
+    if not h or not layers:
+        return None, None
+    ff = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "d_ff", None) or 4 * h
+    ff_mats = 3 if getattr(hf_config, "hidden_act", "") in ("silu", "swiglu") else 2  # gated MLPs have 3
+    body = layers * (4 * h * h + ff_mats * h * ff)
+    if getattr(hf_config, "num_decoder_layers", None):  # T5: decoder layers also cross-attend
+        body += hf_config.num_decoder_layers * (8 * h * h + ff_mats * h * ff)
+    return int(getattr(hf_config, "vocab_size", 0) * h + body), int(body)
 
 
 DECODER_TYPES = {
@@ -287,6 +305,7 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
         raise ConfigError("extraction.exclude_special_tokens: the tokenizer defines no special tokens")
 
     max_length = cfg.max_length or _default_max_length(folder, tokenizer, hf_config)
+    params = estimate_parameters(hf_config)
     return ResolvedModel(
         source=source,
         revision=revision,
@@ -300,6 +319,8 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
         projection=projection,
         uri=uri,
         storage=storage,
+        parameters=params[0],
+        layer_parameters=params[1],
     )
 
 

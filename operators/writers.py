@@ -61,6 +61,7 @@ class ShardStats:
     rows_rejected: int = 0
     rows_truncated: int = 0
     tokens: int = 0
+    padded_tokens: int = 0  # tokens + the padding of their forward batches
     read_errors: int = 0
     committed_at: float = field(default_factory=time.time)
 
@@ -131,7 +132,7 @@ def commit_shard(
     fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
     rejected: list[pa.Table] = []
     next_line = 1
-    written = truncated = tokens = 0
+    written = truncated = tokens = padded = 0
     schema = vector_schema(dimension, value_type)
     with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as writer:
         for table in _ordered_record_tables(fs, parts):
@@ -153,6 +154,7 @@ def commit_shard(
             written += ok.num_rows
             truncated += int(pc.sum(ok.column("truncated")).as_py() or 0)
             tokens += int(pc.sum(ok.column("n_tokens")).as_py() or 0)
+            padded += int(pc.sum(ok.column("padded_tokens")).as_py() or 0)
         if next_line - 1 != expected:
             raise IncompleteShardError(f"{stats.input}: {next_line - 1} of {expected} records reached the writer")
         rejects = pa.concat_tables(rejected) if rejected else REJECTED_SCHEMA.empty_table()
@@ -161,10 +163,11 @@ def commit_shard(
         stats.rows_rejected = rejects.num_rows
         stats.rows_truncated = truncated
         stats.tokens = tokens
+        stats.padded_tokens = padded
         stats.read_errors = int(pc.sum(pc.starts_with(rejects.column("reason"), "shard read error")).as_py() or 0)
         stats.committed_at = time.time()
         meta = dict(provenance, input={"uri": stats.input, "fingerprint": stats.input_fingerprint})
-        meta["counts"] = {k: getattr(stats, k) for k in ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens")}
+        meta["counts"] = {k: getattr(stats, k) for k in ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens")}
         writer.add_key_value_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
     rejected_final = posixpath.join(output_dir, REJECTED_DIR, stats.output)

@@ -101,17 +101,46 @@ def init_ray(cfg: PipelineConfig) -> None:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
 
 
-def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec):
-    """`ds.map_batches(fn)` on the embedding actor pool: one GPU per actor when the cluster has
-    GPUs (unless ray.gpus_per_actor says otherwise), else CPU actors with torch threads set to
-    their CPU reservation. `make_spec(num_threads)` builds the EmbedSpec passed to `fn`."""
+def actor_resources(cfg: PipelineConfig, resolved: ResolvedModel) -> tuple[float, int | None]:
+    """(GPUs per actor, torch threads per actor or None on GPU). On a GPU cluster a model under
+    1B parameters gets half a GPU, so two actors overlap their host work on one device. On CPU the
+    threads are the node's CPUs shared among the actors (ray.threads_per_actor overrides): the
+    Ray CPU reservation only has to leave room for the light read/tokenize/write tasks."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     gpus = cfg.ray.gpus_per_actor
     if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    spec = make_spec(max(1, int(cfg.ray.cpus_per_actor)) if not gpus else None)
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        gpus = (0.5 if (resolved.parameters or 0) < 1e9 else 1) if has_gpu else 0
+    if gpus:
+        return gpus, None
+    threads = cfg.ray.threads_per_actor
+    if threads is None:
+        node_cpus = max((n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")), default=1)
+        threads = max(1, int(node_cpus) // cfg.ray.max_actors)
+    return 0, threads
+
+
+def read_tasks(cfg: PipelineConfig) -> int:
+    import ray
+
+    return cfg.ray.read_tasks or max(2, int(ray.cluster_resources().get("CPU", 1)) // 4)
+
+
+def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec, resolved: ResolvedModel, tokenize: bool = True, inputs: int | None = None):
+    """Tokenize in CPU tasks (`tokenize_batch`, fused into the read tasks), then `ds.map_batches(fn)`
+    on the embedding actor pool. `make_spec(num_threads)` builds the EmbedSpec passed to both."""
+    from ray.data import ActorPoolStrategy
+
+    from operators.tokenize import tokenize_batch
+
+    gpus, threads = actor_resources(cfg, resolved)
+    spec = make_spec(threads)
+    if tokenize:
+        ds = ds.map_batches(
+            tokenize_batch, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None, num_cpus=cfg.ray.io_cpus,
+            concurrency=min(read_tasks(cfg), inputs or read_tasks(cfg)),  # the same as the read: they fuse
+        )
     return ds.map_batches(
         fn,
         fn_constructor_args=(spec,),
@@ -123,8 +152,9 @@ def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec):
     )
 
 
-def embed(cfg: PipelineConfig, plan: Plan) -> dict:
-    """Run the Ray Data pipeline over `plan.todo`; return the coordinator's final state."""
+def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
+    """Run the Ray Data pipeline over `plan.todo`; return the coordinator's final state.
+    noop=True replaces the model by zero vectors (the data path alone, for benchmarks)."""
     import ray
 
     from operators.embed import Embedder
@@ -142,8 +172,15 @@ def embed(cfg: PipelineConfig, plan: Plan) -> dict:
         coordinator, cfg.output.uri, cfg.output.storage, staging, plans,
         plan.provenance["dimension"], ARROW_FLOATS[cfg.output.dtype], plan.provenance,
     )
-    ds = ray.data.read_datasource(ShardDatasource(plan.todo, cfg.input), num_cpus=cfg.ray.io_cpus)
-    ds = map_on_actor_pool(ds, cfg, Embedder, lambda threads: EmbedSpec.from_config(cfg, plan.resolved, num_threads=threads))
+    # one block stream per shard, no re-splitting: the tokenize stage then fuses into the read tasks
+    ds = ray.data.read_datasource(
+        ShardDatasource(plan.todo, cfg.input), num_cpus=cfg.ray.io_cpus, override_num_blocks=len(plan.todo),
+        concurrency=min(read_tasks(cfg), len(plan.todo)),
+    )
+    ds = map_on_actor_pool(
+        ds, cfg, Embedder, lambda threads: EmbedSpec.from_config(cfg, plan.resolved, num_threads=threads, noop=noop), plan.resolved,
+        inputs=len(plan.todo),
+    )
     error = None
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.io_cpus})
@@ -156,7 +193,7 @@ def embed(cfg: PipelineConfig, plan: Plan) -> dict:
     return state
 
 
-def run(cfg: PipelineConfig) -> dict:
+def run(cfg: PipelineConfig, noop: bool = False) -> dict:
     """Plan, embed and record. Returns the run summary; raises on failure."""
     started = time.time()
     plan = plan_run(cfg)
@@ -176,6 +213,7 @@ def run(cfg: PipelineConfig) -> dict:
         "rows_rejected": 0,
         "rows_truncated": 0,
         "tokens": 0,
+        "padded_tokens": 0,
         "seconds": 0.0,
     }
     if not plan.todo:
@@ -187,7 +225,7 @@ def run(cfg: PipelineConfig) -> dict:
         return summary
     logger.info("embedding %d of %d shards (%d already up to date)", len(plan.todo), len(plan.shards), len(plan.done))
 
-    state = embed(cfg, plan)
+    state = embed(cfg, plan, noop=noop)
     entries = load_manifest(fs, out_dir)
     entries.update(plan.done)
     entries.update({s["rel"]: s for s in state["committed"].values()})
@@ -197,11 +235,14 @@ def run(cfg: PipelineConfig) -> dict:
 
     for stats in state["committed"].values():
         summary["shards_embedded"] += 1
-        for key in ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens"):
-            summary[key] += stats[key]
+        for key in ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens"):
+            summary[key] += stats.get(key, 0)
         if stats["read_errors"]:
             logger.warning("%s: the shard could not be read to the end; see %s/_rejected/%s", stats["input"], cfg.output.uri, stats["output"])
     summary["seconds"] = time.time() - started
+    commits = sorted((c["committed_at"], c["rows_in"]) for c in state["committed"].values())
+    if len(commits) >= 4:  # the rate between the first and last commit: start-up left out
+        summary["steady_rows_per_s"] = sum(n for _, n in commits[1:]) / max(commits[-1][0] - commits[0][0], 1e-6)
     if state["error"] is not None or state["failed"] or state["pending"]:
         problems = [f"{s}: {e}" for s, e in state["failed"].items()]
         problems += [f"{s}: {p['rows_staged']} of {p['rows_expected']} records staged, not committed" for s, p in state["pending"].items()]
@@ -213,13 +254,18 @@ def run(cfg: PipelineConfig) -> dict:
     return summary
 
 
+def padding_efficiency(s: dict) -> float:
+    """Real tokens / padded tokens fed to the model (1.0: no padding)."""
+    return s["tokens"] / s["padded_tokens"] if s.get("padded_tokens") else 1.0
+
+
 def format_summary(s: dict) -> str:
     secs = max(s["seconds"], 1e-9)
     return (
         f"done: {s['rows_written']} rows written, {s['rows_rejected']} rejected, {s['rows_truncated']} truncated "
         f"from {s['rows_in']} rows in {s['shards_embedded']} shards ({s['shards_skipped']} up to date) "
-        f"in {s['seconds']:.1f}s: {s['rows_written'] / secs:.1f} rows/s, {s['tokens'] / secs:.0f} tokens/s "
-        f"-> {s['output']}"
+        f"in {s['seconds']:.1f}s: {s['rows_written'] / secs:.1f} rows/s, {s['tokens'] / secs:.0f} tokens/s, "
+        f"padding efficiency {padding_efficiency(s):.2f} -> {s['output']}"
     )
 
 

@@ -98,7 +98,7 @@ def task_texts(data: dict) -> list[str]:
     return list(seen)
 
 
-def embed_cached(cfg: PipelineConfig, spec_for, texts: list[str], cache_dir: str) -> dict[str, np.ndarray]:
+def embed_cached(cfg: PipelineConfig, resolved, spec_for, texts: list[str], cache_dir: str) -> dict[str, np.ndarray]:
     """Embed `texts` on Ray in chunks, each chunk cached as a Parquet file as soon as it is done;
     texts already in the cache are not embedded again."""
     import ray
@@ -129,8 +129,8 @@ def embed_cached(cfg: PipelineConfig, spec_for, texts: list[str], cache_dir: str
             schema=READ_SCHEMA,
         )
         step = cfg.ray.batch_size  # one block per actor call, no shuffle stage
-        ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, len(chunk), step)])
-        ds = map_on_actor_pool(ds, cfg, Embedder, spec_for)
+        blocks = [rows.slice(i, step) for i in range(0, len(chunk), step)]
+        ds = map_on_actor_pool(ray.data.from_arrow(blocks), cfg, Embedder, spec_for, resolved, inputs=len(blocks))
         keys, embs = [], []
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             keys += batch.column("id").to_pylist()
@@ -198,7 +198,7 @@ def evaluate_config(path: str | None, sets: list[str], output: str) -> dict:
     texts = task_texts(data)
     t1 = time.time()
     vectors = embed_cached(
-        cfg, lambda threads: EmbedSpec.from_config(cfg, resolved, num_threads=threads), texts,
+        cfg, resolved, lambda threads: EmbedSpec.from_config(cfg, resolved, num_threads=threads), texts,
         posixpath.join(output, "cache", fp),
     )
     t2 = time.time()

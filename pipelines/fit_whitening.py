@@ -44,7 +44,7 @@ class BatchMoments:
         self.embedder = Embedder(spec)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        vecs, _, _ = self.embedder.embed_texts(batch.column("text").to_pylist())
+        _, vecs, _, _, _ = self.embedder.embed_batch(batch)
         m = Moments.of(vecs)
         return pa.table({"n": [m.n], "sum": [m.sum.tolist()], "outer": [m.outer.ravel().tolist()]})
 
@@ -74,10 +74,12 @@ def fit(cfg: PipelineConfig) -> dict:
     logger.info("fitting on %d %s from %s", len(texts), w.split, w.corpus)
 
     init_ray(cfg)
-    ds = ray.data.from_items([{"text": t} for t in texts], override_num_blocks=max(1, len(texts) // cfg.ray.batch_size))
+    n_blocks = max(1, len(texts) // cfg.ray.batch_size)
+    ds = ray.data.from_items([{"text": t} for t in texts], override_num_blocks=n_blocks)
     ds = map_on_actor_pool(
         ds, cfg, BatchMoments,
         lambda threads: EmbedSpec.from_config(cfg, resolved, num_threads=threads, postprocess=False),  # raw extraction
+        resolved, inputs=n_blocks,
     )
     d = resolved.dimension
     total = Moments.zeros(d)

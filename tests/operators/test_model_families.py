@@ -105,7 +105,7 @@ def test_decoder_mean_and_prompteol_template(tiny_llama):
             h = e.model(**ids).last_hidden_state[0]
         np.testing.assert_allclose(got[i], h.mean(dim=0).numpy(), atol=1e-5)
     p = embedder(tiny_llama, pooling="last_token", template=PROMPTEOL_TEMPLATE, preprocess="prompteol")
-    formatted = p.format(["Is it raining?"])[0].text
+    formatted = p.encoder.format(["Is it raining?"])[0].text
     assert formatted == 'This sentence : "Is it raining." means in one word:"'
     ids = p.tokenizer(formatted, return_tensors="pt")
     with torch.no_grad():
@@ -115,9 +115,9 @@ def test_decoder_mean_and_prompteol_template(tiny_llama):
 
 def test_long_prompted_documents_keep_the_end_of_the_prompt(tiny_llama):
     e = embedder(tiny_llama, {"max_length": 24}, pooling="last_token", template=PROMPTEOL_TEMPLATE)
-    tensors, owner, truncated = e.tokenize(["word " * 200])
-    assert truncated.tolist() == [True]
-    ids = tensors["input_ids"][0][tensors["attention_mask"][0].bool()]
+    enc = e.encoder.encode(["word " * 200])
+    assert enc.truncated.tolist() == [True]
+    ids = enc.windows[0]
     assert len(ids) <= 24
     assert e.tokenizer.decode(ids, skip_special_tokens=True).endswith('means in one word : "')
 
@@ -140,11 +140,11 @@ def test_instruction_exclusion_changes_exactly_the_pooling_mask(tiny_bert):
     instruction = "Represent this sentence for searching relevant passages: "
     with_ = embedder(tiny_bert, pooling="mean", instruction=instruction, exclude_instruction=True)
     without = embedder(tiny_bert, pooling="mean", instruction=instruction)
-    tensors, _, _ = with_.tokenize(TEXTS)
-    plain, _, _ = without.tokenize(TEXTS)
-    assert torch.equal(tensors["input_ids"], plain["input_ids"])  # the model sees the instruction
+    enc = with_.encoder.encode(TEXTS)
+    assert all(np.array_equal(a, b) for a, b in zip(enc.windows, without.encoder.encode(TEXTS).windows))  # the model sees the instruction
+    plain = with_.pad(enc, np.arange(len(TEXTS)))
     n_instr = len(with_.tokenizer(instruction, add_special_tokens=False)["input_ids"])
-    excluded = tensors["exclude_mask"]
+    excluded = plain["exclude_mask"]
     assert excluded.sum(dim=1).tolist() == [n_instr] * len(TEXTS)
     assert excluded[:, 1 : 1 + n_instr].all() and not excluded[:, 0].any()  # right after [CLS]
     got = with_.embed_texts(TEXTS)[0]

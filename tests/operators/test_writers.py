@@ -36,7 +36,7 @@ def rows(lines, total=None, reject=()):
     return pa.table(
         {
             "id": ids, "shard": ["s.jsonl"] * n, "line": line, "reason": reason, "raw": [None] * n, "eof": eof,
-            "embedding": emb, "n_tokens": [3] * n, "truncated": [x == 2 for x in line],
+            "embedding": emb, "n_tokens": [3] * n, "truncated": [x == 2 for x in line], "padded_tokens": [4] * n,
         },
         schema=output_schema(DIM),
     )

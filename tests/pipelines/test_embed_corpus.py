@@ -69,6 +69,7 @@ def test_local_end_to_end_with_bad_rows(ray_local, tmp_path, minilm_path):
     assert summary["rows_rejected"] == n_bad
     assert summary["rows_written"] == 3 * 40 + n_good_bad_file
     assert summary["rows_in"] == summary["rows_written"] + summary["rows_rejected"]
+    assert 0 < summary["tokens"] <= summary["padded_tokens"]  # padding counted, never below the real tokens
 
     fs = fsspec.filesystem("file")
     out = str(tmp_path / "out")

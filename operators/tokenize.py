@@ -1,0 +1,244 @@
+"""Tokenization, the CPU stage before the model actors. Imports no torch, so the tasks that run
+it start fast.
+
+`tokenize_batch` (a `map_batches` function) formats each text (template, instruction,
+demonstrations) and tokenizes it into one or more windows of ids, carried to the actors as
+list columns (TOKEN_COLUMNS). `plan_batches` is the actors' length bucketing.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators.config import ExtractionConfig, ModelConfig, StorageConfig
+from operators.models import ResolvedModel, local_source
+from operators.prompts import Formatted, format_input
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """Everything an embedding actor needs, in one picklable object."""
+
+    model: ModelConfig
+    extraction: ExtractionConfig
+    resolved: ResolvedModel
+    output_dtype: str = "float32"
+    num_threads: int | None = None  # torch intra-op threads on CPU; None: leave torch's default
+    postprocess: tuple[dict, ...] = ()  # PipelineConfig.postprocess_steps()
+    artifact: str | None = None  # whitening artifact URI, when a step needs it
+    artifact_storage: StorageConfig = field(default_factory=StorageConfig)
+    noop: bool = False  # skip the model (zero vectors): the data path's ceiling, for benchmarks
+
+    @classmethod
+    def from_config(
+        cls, cfg, resolved: ResolvedModel, num_threads: int | None = None, postprocess: bool = True, noop: bool = False,
+    ) -> "EmbedSpec":
+        """The spec for `cfg`; postprocess=False gives raw extraction output (what a fit reads)."""
+        steps = tuple(cfg.postprocess_steps()) if postprocess else ()
+        return cls(
+            model=cfg.model, extraction=cfg.extraction, resolved=resolved, output_dtype=cfg.output.dtype,
+            num_threads=num_threads, postprocess=steps, artifact=cfg.whitening.artifact,
+            artifact_storage=cfg.whitening.storage, noop=noop,
+        )
+
+
+# Columns the tokenize stage adds; they travel to the model actors and stop there.
+TOKEN_COLUMNS = ("input_ids", "window_lengths", "exclude", "truncated")
+
+
+@dataclass
+class Encoded:
+    """Tokenized texts: each text is one window of token ids, or several (long_documents: window)."""
+
+    windows: list[np.ndarray]  # int64 token ids per window, unpadded
+    owner: np.ndarray  # window -> text index
+    truncated: np.ndarray  # per text: longer than max_length and cut
+    exclude: list[np.ndarray] | None = None  # per window: tokens left out of mean/max pooling
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(w) for w in self.windows), dtype=np.int64, count=len(self.windows))
+
+
+def load_tokenizer(spec: EmbedSpec):
+    from transformers import AutoTokenizer
+
+    r = spec.resolved
+    kwargs = dict(revision=r.revision, trust_remote_code=spec.model.trust_remote_code)
+    if r.gguf_file:
+        kwargs["gguf_file"] = r.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(local_source(r), **kwargs)
+    if tokenizer.pad_token is None:  # decoder LLMs often ship without one
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if spec.model.padding_side != "auto":
+        tokenizer.padding_side = spec.model.padding_side
+    return tokenizer
+
+
+class TextEncoder:
+    """Formats (template, instruction, demonstrations) and tokenizes texts into windows of ids."""
+
+    def __init__(self, spec: EmbedSpec, tokenizer=None):
+        self.spec = spec
+        self.tokenizer = tokenizer or load_tokenizer(spec)
+        self.max_length = spec.resolved.max_length
+
+    def format(self, texts: list[str]) -> list[Formatted]:
+        ex = self.spec.extraction
+        return [
+            format_input(
+                t, template=ex.template, preprocess=ex.preprocess, instruction=ex.instruction,
+                demonstrations=ex.demonstrations, mask_token=self.tokenizer.mask_token,
+            )
+            for t in texts
+        ]
+
+    def _tokenize(self, texts: list[str], *, windows: bool):
+        ex = self.spec.extraction
+        return self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.max_length,
+            stride=self.spec.model.window_stride if windows else 0,
+            return_overflowing_tokens=True,
+            return_special_tokens_mask=ex.exclude_special_tokens,
+            return_offsets_mapping=ex.exclude_instruction,
+        )
+
+    def _fit_prompts(self, texts: list[str], formatted: list[Formatted], too_long: np.ndarray) -> list[Formatted]:
+        """With a template or instruction, cut the document, never the prompt around it: a
+        truncated PromptEOL input must still end in 'in one word:"'."""
+        out = list(formatted)
+        for i in np.flatnonzero(too_long):
+            for _ in range(4):
+                n = len(self.tokenizer(out[i].text)["input_ids"])
+                if n <= self.max_length:
+                    break
+                doc = self.tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)
+                keep = max(1, len(doc["input_ids"]) - (n - self.max_length) - 1)
+                texts[i] = texts[i][: doc["offset_mapping"][keep - 1][1]] if keep < len(doc["input_ids"]) else texts[i][:-1]
+                out[i] = self.format([texts[i]])[0]
+        return out
+
+    def encode(self, texts: list[str]) -> Encoded:
+        """Overflow windows are requested so truncation is detected exactly. In truncate mode only
+        each text's first window is kept; in window mode all of them."""
+        ex = self.spec.extraction
+        windows = self.spec.model.long_documents == "window"
+        formatted = self.format(texts)
+        prompted = bool(ex.template or ex.instruction or ex.demonstrations)
+        enc = self._tokenize([f.text for f in formatted], windows=windows)
+        mapping = np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64)
+        truncated = np.bincount(mapping, minlength=len(texts)) > 1
+        if prompted and truncated.any():
+            formatted = self._fit_prompts(list(texts), formatted, truncated)
+            enc = self._tokenize([f.text for f in formatted], windows=False)
+            mapping = np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64)
+        if windows:
+            keep = np.arange(len(mapping))
+            truncated = np.zeros(len(texts), dtype=bool)
+        else:
+            keep = np.flatnonzero(np.r_[True, mapping[1:] != mapping[:-1]])
+        ids = [np.asarray(enc["input_ids"][j], dtype=np.int64) for j in keep]
+        exclude = None
+        if ex.exclude_special_tokens or ex.exclude_instruction:
+            exclude = []
+            for j in keep:
+                m = np.zeros(len(enc["input_ids"][j]), dtype=bool)
+                if ex.exclude_special_tokens:
+                    m |= np.asarray(enc["special_tokens_mask"][j], dtype=bool)
+                if ex.exclude_instruction:
+                    off = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)
+                    m |= (off[:, 0] < formatted[mapping[j]].prefix_chars) & (off[:, 1] > off[:, 0])
+                exclude.append(m)
+        return Encoded(ids, mapping[keep], truncated, exclude)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """The tokenize stage: the batch plus TOKEN_COLUMNS (null for rows not embedded)."""
+        ok = embeddable(batch)
+        rows = np.flatnonzero(ok)
+        texts = batch.column("text").take(pa.array(rows, type=pa.int64())).to_pylist()
+        enc = self.encode(texts) if texts else Encoded([], np.zeros(0, np.int64), np.zeros(0, bool))
+        n = batch.num_rows
+        ids: list = [None] * n
+        lengths: list = [None] * n
+        excl: list = [None] * n
+        per_text: list[list[int]] = [[] for _ in texts]
+        for w, t in enumerate(enc.owner):
+            per_text[t].append(w)
+        for t, row in enumerate(rows):
+            ws = per_text[t]
+            ids[row] = np.concatenate([enc.windows[w] for w in ws]).astype(np.int32)
+            lengths[row] = [len(enc.windows[w]) for w in ws]
+            if enc.exclude is not None:
+                excl[row] = np.concatenate([enc.exclude[w] for w in ws])
+        truncated = np.zeros(n, dtype=bool)
+        truncated[rows] = enc.truncated
+        out = batch
+        for name in TOKEN_COLUMNS:
+            if name in out.column_names:
+                out = out.drop_columns([name])
+        out = out.append_column("input_ids", pa.array(ids, type=pa.list_(pa.int32())))
+        out = out.append_column("window_lengths", pa.array(lengths, type=pa.list_(pa.int32())))
+        out = out.append_column("exclude", pa.array(excl, type=pa.list_(pa.bool_())))
+        return out.append_column("truncated", pa.array(truncated, type=pa.bool_()))
+
+
+_ENCODERS: dict[int, TextEncoder] = {}
+
+
+def tokenize_batch(batch: pa.Table, spec: EmbedSpec) -> pa.Table:
+    """`map_batches` function for the tokenize stage (Ray tasks): one TextEncoder per worker
+    process and spec, reused across the tasks that process runs."""
+    key = hash(pickle.dumps(spec))
+    if key not in _ENCODERS:
+        _ENCODERS.clear()
+        _ENCODERS[key] = TextEncoder(spec)
+    return _ENCODERS[key](batch)
+
+
+def embeddable(batch: pa.Table) -> np.ndarray:
+    """Rows to embed: not rejected by the reader, not end-of-shard markers (all rows of a bare
+    table with only a text column)."""
+    n = batch.num_rows
+    ok = np.ones(n, dtype=bool)
+    if "reason" in batch.column_names:
+        ok &= pc.is_null(batch.column("reason")).to_numpy(zero_copy_only=False)
+    if "eof" in batch.column_names:
+        ok &= ~pc.fill_null(batch.column("eof"), False).to_numpy(zero_copy_only=False)
+    return ok
+
+
+def decode_tokens(batch: pa.Table, rows: np.ndarray) -> Encoded:
+    """The Encoded form of the tokenize stage's columns for `rows`."""
+    sub = batch.take(pa.array(rows, type=pa.int64()))
+    ids = pc.list_flatten(sub.column("input_ids")).to_numpy().astype(np.int64)
+    lengths = pc.list_flatten(sub.column("window_lengths")).to_numpy().astype(np.int64)
+    per_text = pc.list_value_length(sub.column("window_lengths")).to_numpy()
+    bounds = np.r_[0, np.cumsum(lengths)]
+    windows = [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    exclude = None
+    if "exclude" in sub.column_names and sub.column("exclude").null_count < sub.num_rows:
+        flags = pc.list_flatten(sub.column("exclude")).to_numpy(zero_copy_only=False).astype(bool)
+        exclude = [flags[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    owner = np.repeat(np.arange(len(rows)), per_text)
+    return Encoded(windows, owner, sub.column("truncated").to_numpy(zero_copy_only=False).astype(bool), exclude)
+
+
+def plan_batches(lengths: np.ndarray, max_tokens: int, max_rows: int) -> list[np.ndarray]:
+    """Length bucketing: sort the windows by length, then cut the sorted run into batches of at
+    most max_rows windows and max_tokens padded tokens (a single longer window goes alone)."""
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or i - start >= max_rows or lengths[order[i]] * (i + 1 - start) > max_tokens:
+            batches.append(order[start:i])
+            start = i
+    return batches
+
+

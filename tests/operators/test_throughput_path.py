@@ -1,0 +1,129 @@
+"""The fast path (issue 6): tokenization as its own stage, length bucketing under a token budget,
+and embeddings equal to the unoptimised path, each text alone, with no padding at all.
+
+Tolerances, max abs difference per element against each text embedded alone:
+  float32  1e-5   (padding only changes the order of float sums)
+  bfloat16 2e-2   (bf16 keeps 8 bits of mantissa: ~4e-3 relative per op; MiniLM outputs are L2-normalised)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from operators.config import ExtractionConfig, ModelConfig
+from operators.embed import Embedder, EmbedSpec
+from operators.models import resolve_model
+from operators.tokenize import TOKEN_COLUMNS, decode_tokens, plan_batches, tokenize_batch
+from tests.conftest import sample_sentences
+from tests.operators.test_embed import batch
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+
+
+def spec_for(name, *, dtype="float32", batch_size=None, max_batch_tokens=16384, noop=False, model_kw=None, **ex):
+    model = ModelConfig(name=name, dtype=dtype, batch_size=batch_size, max_batch_tokens=max_batch_tokens, **(model_kw or {}))
+    extraction = ExtractionConfig(**ex)
+    return EmbedSpec(model, extraction, resolve_model(model, extraction), noop=noop)
+
+
+def texts_of_mixed_length(n=120):
+    base = sample_sentences(n)
+    # lengths from 1 word to well past a 64-token budget: buckets of very different widths
+    return [" ".join([t] * (1 + i % 4)) if i % 7 else t.split()[0] for i, t in enumerate(base)]
+
+
+@pytest.mark.parametrize(
+    "lengths,max_tokens,max_rows",
+    [([5, 3, 9, 1, 7, 7, 2], 16, 3), ([30] * 10, 64, 32), ([1, 200, 3], 100, 8), ([], 10, 2), ([4], 1, 1)],
+)
+def test_plan_batches_covers_every_window_once_within_budget(lengths, max_tokens, max_rows):
+    lengths = np.asarray(lengths, dtype=np.int64)
+    batches = plan_batches(lengths, max_tokens, max_rows)
+    flat = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    widths = [lengths[b].max() for b in batches]
+    assert widths == sorted(widths)  # sorted by length: neighbours pad to each other
+    for b in batches:
+        assert len(b) <= max_rows
+        assert len(b) == 1 or lengths[b].max() * len(b) <= max_tokens  # only a lone long window may exceed
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bucketed_batches_equal_each_text_alone(minilm_path, dtype):
+    texts = texts_of_mixed_length()
+    fast = Embedder(spec_for(minilm_path, dtype=dtype, batch_size=32, max_batch_tokens=512, pooling="mean", normalize=True))
+    alone = Embedder(spec_for(minilm_path, dtype=dtype, batch_size=1, pooling="mean", normalize=True))
+    got, n_tokens, _, padded = fast.embed_encoded(fast.encoder.encode(texts), len(texts))
+    want = np.stack([alone.embed_texts([t])[0][0] for t in texts])
+    assert np.abs(got - want).max() <= TOLERANCE[dtype]
+    assert (padded >= n_tokens).all() and padded.sum() > n_tokens.sum()  # some padding happened, and was counted
+    assert n_tokens.sum() / padded.sum() > 0.8  # sorted buckets keep most of each batch real
+
+
+def test_tokenize_stage_columns_round_trip_to_the_same_embeddings(minilm_path):
+    """read batch -> tokenize_batch (what the CPU tasks run) -> Embedder gives what the Embedder
+    computes from text itself; rejected rows carry no tokens."""
+    texts = texts_of_mixed_length(40)
+    reasons = [None] * 40
+    reasons[3] = reasons[17] = "empty text"
+    spec = spec_for(minilm_path, pooling="mean")
+    table = batch(texts, reasons)
+    tokenized = tokenize_batch(table, spec)
+    assert set(TOKEN_COLUMNS) <= set(tokenized.column_names)
+    assert tokenized.column("input_ids")[3].as_py() is None
+    e = Embedder(spec)
+    from_tokens = e(tokenized)
+    from_text = e(table)
+    assert from_tokens.equals(from_text)
+    assert from_tokens.column("embedding").null_count == 2
+
+
+def test_windows_survive_the_tokenize_stage(tiny_bert):
+    spec = spec_for(tiny_bert, model_kw={"max_length": 16, "long_documents": "window", "window_stride": 4}, pooling="mean")
+    texts = ["word " * 50, "short text", "another " * 23]
+    tokenized = tokenize_batch(batch(texts), spec)
+    enc = decode_tokens(tokenized, np.arange(3))
+    assert np.bincount(enc.owner).tolist()[0] > 1 and np.bincount(enc.owner).tolist()[1] == 1
+    e = Embedder(spec)
+    got = np.stack(e(tokenized).column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, e.embed_texts(texts)[0], atol=1e-6)
+
+
+def test_exclusion_masks_survive_the_tokenize_stage(tiny_bert):
+    spec = spec_for(tiny_bert, pooling="mean", instruction="Represent this: ", exclude_instruction=True, exclude_special_tokens=True)
+    texts = ["a first text", "the second text is longer than the first one"]
+    tokenized = tokenize_batch(batch(texts), spec)
+    e = Embedder(spec)
+    got = np.stack(e(tokenized).column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, e.embed_texts(texts)[0], atol=1e-6)
+    n_excluded = [sum(x) for x in tokenized.column("exclude").to_pylist()]
+    n_instr = len(e.tokenizer("Represent this: ", add_special_tokens=False)["input_ids"])
+    assert n_excluded == [n_instr + 2] * 2  # the instruction, [CLS] and [SEP]
+
+
+def test_noop_model_passes_rows_through_without_loading_weights(minilm_path):
+    e = Embedder(spec_for(minilm_path, noop=True))
+    assert e.model is None
+    out = e(tokenize_batch(batch(["one text", "two texts here"], [None, "empty text"]), e.spec))
+    assert out.column("embedding").null_count == 1
+    assert out.column("n_tokens").to_pylist()[0] == 4 and out.column("padded_tokens").to_pylist()[0] == 4
+    assert out.column("embedding")[0].as_py() == [0.0] * 384
+
+
+def test_decoder_left_padding_in_buckets_equals_alone(tiny_llama):
+    """Last-token pooling reads the right position whatever a bucket's padding."""
+    texts = ["a b", "a much longer text than the first", "mid length text"]
+    fast = Embedder(spec_for(tiny_llama, model_kw={"padding_side": "left"}, pooling="last_token"))
+    alone = Embedder(spec_for(tiny_llama, batch_size=1, pooling="last_token"))
+    got = fast.embed_texts(texts)[0]
+    want = np.stack([alone.embed_texts([t])[0][0] for t in texts])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_empty_batch_has_the_output_schema(minilm_path):
+    e = Embedder(spec_for(minilm_path))
+    out = e(tokenize_batch(batch([]), e.spec))
+    assert out.num_rows == 0 and out.schema == e.schema
+    assert isinstance(out, pa.Table)

@@ -1,0 +1,54 @@
+"""pipelines/benchmark.py on a small corpus: every phase runs on the same texts and the report
+carries what the README promises. Speed itself is measured by running the script, not here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipelines.benchmark import main
+from pipelines.embed_corpus import actor_resources
+
+REPORT_KEYS = {
+    "pipeline_rows_per_s", "baseline_rows_per_s", "noop_rows_per_s", "padding_efficiency", "peak_rss_bytes", "device",
+    "pipeline_vs_baseline", "noop_vs_pipeline", "peak_rss_ratio_vs_small", "model_tflops",
+}
+
+
+def test_benchmark_report(ray_local, tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    rc = main(["--docs", "300", "--shard-docs", "100", "--memory-scale", "3", "--report", str(report), "--workdir", str(tmp_path / "w")])
+    assert rc == 0
+    r = json.loads(report.read_text())
+    assert REPORT_KEYS <= set(r)
+    assert r["pipeline"]["rows"] == r["noop"]["rows"] == r["baseline"]["rows"] == 300
+    assert r["pipeline_small"]["rows"] == 100
+    assert r["pipeline"]["tokens"] == r["noop"]["tokens"]  # the same corpus and tokenization
+    assert 0.5 < r["padding_efficiency"] <= 1.0
+    assert r["peak_rss_bytes"] > 100 * 2**20 and r["device"].startswith("cpu")
+    assert all(r[k] > 0 for k in ("pipeline_rows_per_s", "baseline_rows_per_s", "noop_rows_per_s"))
+    printed = capsys.readouterr().out
+    assert "pipeline / sentence-transformers encode" in printed and "padding efficiency" in printed
+    # the no-op run wrote zero vectors for every document, the pipeline real unit vectors
+    noop = pq.read_table(sorted((tmp_path / "w" / "out-noop").glob("*.parquet"))[0])
+    real = pq.read_table(sorted((tmp_path / "w" / "out").glob("*.parquet"))[0])
+    assert not np.stack(noop.column("embedding").to_numpy(zero_copy_only=False)).any()
+    np.testing.assert_allclose(np.linalg.norm(np.stack(real.column("embedding").to_numpy(zero_copy_only=False)), axis=1), 1, atol=1e-5)
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert main(["--docs", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+
+
+def test_cpu_actor_threads_default_to_the_node_cpus(ray_local):
+    from operators.config import load_config
+    from operators.models import resolve_model
+
+    cfg = load_config(None, [])
+    resolved = resolve_model(cfg.model, cfg.extraction)
+    assert actor_resources(cfg, resolved) == (0, 2)  # 2-CPU local cluster, one actor: both cores' worth of threads
+    assert actor_resources(load_config(None, ["ray.threads_per_actor=1"]), resolved) == (0, 1)
+    assert actor_resources(load_config(None, ["ray.max_actors=2"]), resolved) == (0, 1)
