@@ -67,6 +67,9 @@ class InputConfig(_Strict):
 class OutputConfig(_Strict):
     uri: str  # folder; any fsspec URI
     dtype: OutputDtype = "float32"  # float16 halves the size of the shards
+    # true: each config fingerprint writes to <uri>/v-<fingerprint>/ and <uri>/CURRENT.json names the
+    # published version, switched only when a run completes (and passes the gate)
+    versioned: bool = False
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
 
@@ -203,6 +206,42 @@ class EvalConfig(_Strict):
 POSTPROCESS_STEPS = ("whiten", "remove_top_pcs", "zscore", "normalize")
 
 
+class GateConfig(_Strict):
+    """Quality gate: after the run, score the config on these evaluation tasks (eval.data_dir) and
+    fail before publishing when a score is below its floor."""
+
+    tasks: tuple[str, ...] = ()  # e.g. [sts/stsb]; empty: no gate
+    min_scores: dict[str, float] = Field(default_factory=dict)  # task -> floor, scores x 100 as in results.md
+
+    @model_validator(mode="after")
+    def _floors_name_tasks(self) -> "GateConfig":
+        extra = set(self.min_scores) - set(self.tasks)
+        if extra:
+            raise ValueError(f"gate.min_scores names tasks not in gate.tasks: {', '.join(sorted(extra))}")
+        if self.tasks and not self.min_scores:
+            raise ValueError("gate.tasks is set but gate.min_scores is empty: give a floor per task, e.g. {sts/stsb: 80.0}")
+        return self
+
+
+class LanceIndexConfig(_Strict):
+    type: Literal["none", "ivf_pq", "ivf_flat", "ivf_hnsw_sq", "ivf_hnsw_pq"] = "none"
+    metric: Literal["cosine", "l2", "dot"] = "cosine"
+    num_partitions: int | None = Field(None, ge=1)  # None: LanceDB's default (sqrt of the rows)
+    num_sub_vectors: int | None = Field(None, ge=1)  # ivf_pq; must divide the dimension
+    min_rows: int = Field(256, ge=1)  # build the index only from this many rows (IVF needs data to train)
+
+
+class LanceDBSinkConfig(_Strict):
+    uri: str | None = None  # database folder or URI (s3://bucket/db/); None: no LanceDB sink
+    table: str = "embeddings"
+    storage_options: dict[str, str] = Field(default_factory=dict)  # e.g. {endpoint: http://minio:9000}; keys from the environment
+    index: LanceIndexConfig = Field(default_factory=LanceIndexConfig)
+
+
+class SinksConfig(_Strict):
+    lancedb: LanceDBSinkConfig = Field(default_factory=LanceDBSinkConfig)
+
+
 class PipelineConfig(_Strict):
     input: InputConfig
     output: OutputConfig
@@ -213,6 +252,8 @@ class PipelineConfig(_Strict):
     # None: [whiten] when whitening.artifact is set, else nothing.
     postprocess: tuple[str | dict[str, int], ...] | None = None
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")

@@ -47,6 +47,8 @@ def output_schema(dimension: int, output_dtype: str = "float32") -> pa.Schema:
             ("n_tokens", pa.int32()),  # tokens fed to the model, special tokens included
             ("truncated", pa.bool_()),  # longer than model.max_length and cut
             ("padded_tokens", pa.int32()),  # n_tokens plus the padding its forward batch added
+            ("content_hash", pa.string()),  # of the text (incremental runs compare it with the last run's)
+            ("reuse", pa.bool_()),  # the last run's vector for this id and text is kept; embedding is null here
         ]
     )
 
@@ -239,4 +241,6 @@ class Embedder:
         out = [batch.column(name) for name in PASSTHROUGH]
         out += [embedding, pa.array(columns["n_tokens"], pa.int32()), pa.array(columns["truncated"], pa.bool_()),
                 pa.array(columns["padded_tokens"], pa.int32())]
+        for name, typ, default in (("content_hash", pa.string(), None), ("reuse", pa.bool_(), False)):
+            out.append(batch.column(name) if name in batch.column_names else pa.array([default] * n, typ))
         return pa.Table.from_arrays(out, schema=self.schema)

@@ -18,6 +18,7 @@ from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
 
 from operators.config import InputConfig, StorageConfig
+from operators.incremental import mark_reuse, read_previous
 from operators.readers import READ_SCHEMA, read_shard
 from operators.storage import Shard, get_fs
 from operators.writers import Part, ShardStats, commit_shard, stage_part
@@ -26,10 +27,14 @@ from operators.writers import Part, ShardStats, commit_shard, stage_part
 class ShardDatasource(Datasource):
     """One read task per input shard; each yields READ_SCHEMA blocks ending with an eof row."""
 
-    def __init__(self, shards: list[Shard], cfg: InputConfig):
+    def __init__(self, shards: list[Shard], cfg: InputConfig, previous: dict[str, str] | None = None, output_storage: StorageConfig | None = None):
+        """previous: shard uri -> the URI of its earlier vector file (same config), whose ids and
+        content hashes mark the rows to reuse rather than embed again."""
         super().__init__()
         self.shards = shards
         self.cfg = cfg
+        self.previous = previous or {}
+        self.output_storage = output_storage or StorageConfig()
 
     def get_name(self) -> str:
         return "ReadShards"
@@ -47,8 +52,22 @@ class ShardDatasource(Datasource):
                 exec_stats=None,
                 input_files=[shard.uri],
             )
-            tasks.append(ReadTask(lambda shard=shard: read_shard(shard, cfg), meta, schema=READ_SCHEMA))
+            prev = self.previous.get(shard.uri)
+            tasks.append(ReadTask(lambda shard=shard, prev=prev: self._read(shard, cfg, prev), meta, schema=TRACKED_SCHEMA))
         return tasks
+
+    def _read(self, shard: Shard, cfg: InputConfig, previous_uri: str | None):
+        hashes = None
+        if previous_uri:
+            fs, path = get_fs(previous_uri, self.output_storage)
+            prev = read_previous(fs, path)
+            if prev is not None:
+                hashes = dict(zip(prev.column("id").to_pylist(), prev.column("content_hash").to_pylist()))
+        for block in read_shard(shard, cfg):
+            yield mark_reuse(block, hashes)
+
+
+TRACKED_SCHEMA = READ_SCHEMA.append(pa.field("content_hash", pa.string())).append(pa.field("reuse", pa.bool_()))
 
 
 @ray.remote(num_cpus=0, max_restarts=0)

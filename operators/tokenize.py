@@ -203,14 +203,16 @@ def tokenize_batch(batch: pa.Table, spec: EmbedSpec) -> pa.Table:
 
 
 def embeddable(batch: pa.Table) -> np.ndarray:
-    """Rows to embed: not rejected by the reader, not end-of-shard markers (all rows of a bare
-    table with only a text column)."""
+    """Rows to embed: not rejected by the reader, not end-of-shard markers, not reused from an
+    earlier run (all rows of a bare table with only a text column)."""
     n = batch.num_rows
     ok = np.ones(n, dtype=bool)
     if "reason" in batch.column_names:
         ok &= pc.is_null(batch.column("reason")).to_numpy(zero_copy_only=False)
     if "eof" in batch.column_names:
         ok &= ~pc.fill_null(batch.column("eof"), False).to_numpy(zero_copy_only=False)
+    if "reuse" in batch.column_names:  # incremental runs: the earlier vector is kept
+        ok &= ~pc.fill_null(batch.column("reuse"), False).to_numpy(zero_copy_only=False)
     return ok
 
 

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators import __version__
+from operators.incremental import fill_reused, read_previous
 from operators.storage import commit_file
 
 METADATA_KEY = b"corpus_embed"
@@ -62,6 +63,9 @@ class ShardStats:
     rows_truncated: int = 0
     tokens: int = 0
     padded_tokens: int = 0  # tokens + the padding of their forward batches
+    incremental: bool = False  # the shard changed since a run with this config: reuse unchanged documents
+    rows_reused: int = 0  # vectors kept from the previous vector file (same id, same text)
+    deleted_ids: list = field(default_factory=list)  # ids in the previous vector file and no longer here
     read_errors: int = 0
     committed_at: float = field(default_factory=time.time)
 
@@ -70,7 +74,7 @@ class ShardStats:
 
 
 def vector_schema(dimension: int, value_type: pa.DataType) -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("embedding", pa.list_(value_type, dimension))])
+    return pa.schema([("id", pa.string()), ("embedding", pa.list_(value_type, dimension)), ("content_hash", pa.string())])
 
 
 def stage_part(fs, staging_dir: str, shard_key: str, table: pa.Table) -> Part:
@@ -132,8 +136,11 @@ def commit_shard(
     fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
     rejected: list[pa.Table] = []
     next_line = 1
-    written = truncated = tokens = padded = 0
+    written = truncated = tokens = padded = reused = 0
     schema = vector_schema(dimension, value_type)
+    final = posixpath.join(output_dir, stats.output)
+    previous = read_previous(fs, final, columns=("id", "embedding")) if stats.incremental else None
+    ids_now: list[str] = []
     with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as writer:
         for table in _ordered_record_tables(fs, parts):
             lines = table.column("line").to_numpy()
@@ -150,7 +157,15 @@ def commit_shard(
             bad = pc.is_valid(table.column("reason"))
             ok = table.filter(pc.invert(bad))
             rejected.append(table.filter(bad).select(REJECTED_SCHEMA.names))
-            writer.write_table(pa.table({"id": ok.column("id"), "embedding": ok.column("embedding").cast(schema.field("embedding").type)}, schema=schema))
+            ok, n_reused = fill_reused(ok, previous, schema.field("embedding").type)
+            reused += n_reused
+            hashes = ok.column("content_hash") if "content_hash" in ok.column_names else pa.nulls(ok.num_rows, pa.string())
+            writer.write_table(pa.table(
+                {"id": ok.column("id"), "embedding": ok.column("embedding").cast(schema.field("embedding").type), "content_hash": hashes},
+                schema=schema,
+            ))
+            if previous is not None:
+                ids_now += ok.column("id").to_pylist()
             written += ok.num_rows
             truncated += int(pc.sum(ok.column("truncated")).as_py() or 0)
             tokens += int(pc.sum(ok.column("n_tokens")).as_py() or 0)
@@ -164,10 +179,14 @@ def commit_shard(
         stats.rows_truncated = truncated
         stats.tokens = tokens
         stats.padded_tokens = padded
+        stats.rows_reused = reused
+        if previous is not None:
+            now = set(ids_now)
+            stats.deleted_ids = [i for i in previous.column("id").to_pylist() if i not in now]
         stats.read_errors = int(pc.sum(pc.starts_with(rejects.column("reason"), "shard read error")).as_py() or 0)
         stats.committed_at = time.time()
         meta = dict(provenance, input={"uri": stats.input, "fingerprint": stats.input_fingerprint})
-        meta["counts"] = {k: getattr(stats, k) for k in ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens")}
+        meta["counts"] = {k: getattr(stats, k) for k in ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens", "rows_reused")}
         writer.add_key_value_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
     rejected_final = posixpath.join(output_dir, REJECTED_DIR, stats.output)
@@ -179,7 +198,7 @@ def commit_shard(
     elif fs.exists(rejected_final):
         fs.rm(rejected_final)  # a re-embedded shard that no longer has bad rows
     # The vector shard goes last: its presence is what marks the shard done.
-    commit_file(fs, tmp, posixpath.join(output_dir, stats.output))
+    commit_file(fs, tmp, final)
     for p in parts:
         try:
             fs.rm(p.path)

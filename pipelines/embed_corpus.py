@@ -18,7 +18,7 @@ import posixpath
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (also under `ray job submit --working-dir .`)
@@ -27,6 +27,18 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit --w
 from operators import __version__
 from operators.config import ConfigError, PipelineConfig, load_config, resolved_config_text
 from operators.embed import ARROW_FLOATS, EmbedSpec
+from operators.incremental import (
+    RUNS_DIR,
+    append_run_log,
+    new_run_id,
+    publish,
+    read_current,
+    read_previous,
+    report_markdown,
+    version_name,
+    write_deletions,
+    write_json,
+)
 from operators.models import ModelLoadError, ResolvedModel, resolve_model
 from operators.postprocess import ArtifactError
 from operators.provenance import build_provenance, check_artifact
@@ -51,21 +63,39 @@ class Plan:
     resolved: ResolvedModel
     provenance: dict
     config_fingerprint: str
+    out_uri: str = ""  # where the vector shards go: output.uri, or its version folder
+    version: str | None = None  # output.versioned: v-<fingerprint>
+    changed: set[str] = field(default_factory=set)  # rels re-read with document-level reuse
+    deleted: list[str] = field(default_factory=list)  # vector files of shards gone from the input
+
+
+def output_location(cfg: PipelineConfig, fp: str) -> tuple[str, str | None]:
+    if not cfg.output.versioned:
+        return cfg.output.uri, None
+    version = version_name(fp)
+    return posixpath.join(cfg.output.uri.rstrip("/"), version), version
 
 
 def plan_run(cfg: PipelineConfig) -> Plan:
     """List and fingerprint the input, check the output and the model, and pick the shards that
-    need embedding. Raises ConfigError/InputError/ModelLoadError before any work starts."""
+    need embedding: new shards whole, changed shards with reuse of unchanged documents (when the
+    previous vector file was made by this config), and shards gone from the input as deletions.
+    Raises ConfigError/InputError/ModelLoadError before any work starts."""
     shards = list_shards(cfg.input.uri, cfg.input.format, cfg.input.storage)
-    check_writable(cfg.output.uri, cfg.output.storage)
     resolved = resolve_model(cfg.model, cfg.extraction)
     _, _, artifact_sha = check_artifact(cfg, resolved)
     provenance, fp = build_provenance(cfg, resolved, artifact_sha)
+    if cfg.gate.tasks:
+        from pipelines.evaluate import selected_tasks
 
-    fs, out_dir = get_fs(cfg.output.uri, cfg.output.storage)
+        selected_tasks(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"tasks": cfg.gate.tasks})}))
+    out_uri, version = output_location(cfg, fp)
+    check_writable(out_uri, cfg.output.storage)
+
+    fs, out_dir = get_fs(out_uri, cfg.output.storage)
     manifest = load_manifest(fs, out_dir)
     present = {posixpath.basename(p) for p in fs.ls(out_dir, detail=False)} if fs.exists(out_dir) else set()
-    todo, done = [], {}
+    todo, done, changed = [], {}, set()
     for shard in shards:
         entry = manifest.get(shard.rel)
         if shard.output_name not in present:
@@ -79,13 +109,20 @@ def plan_run(cfg: PipelineConfig) -> Plan:
                 entry = dict(_stats_for(shard, fp).to_json(), **meta.get("counts", {}))
             else:
                 todo.append(shard)
+                if meta.get("config_fingerprint") == fp:  # same config, new content: reuse what did not change
+                    changed.add(shard.rel)
                 continue
         done[shard.rel] = entry
-    return Plan(shards, todo, done, resolved, provenance, fp)
+    wanted = {s.output_name for s in shards}
+    deleted = sorted(n for n in present if n.endswith(".parquet") and n not in wanted)
+    return Plan(shards, todo, done, resolved, provenance, fp, out_uri, version, changed, deleted)
 
 
-def _stats_for(shard: Shard, fp: str) -> ShardStats:
-    return ShardStats(input=shard.uri, rel=shard.rel, output=shard.output_name, input_fingerprint=shard.fingerprint, config_fingerprint=fp)
+def _stats_for(shard: Shard, fp: str, incremental: bool = False) -> ShardStats:
+    return ShardStats(
+        input=shard.uri, rel=shard.rel, output=shard.output_name, input_fingerprint=shard.fingerprint,
+        config_fingerprint=fp, incremental=incremental,
+    )
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -161,20 +198,21 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
     from operators.ray_io import CommitCoordinator, ShardDatasource, ShardedParquetSink
 
     init_ray(cfg)
-    fs, out_dir = get_fs(cfg.output.uri, cfg.output.storage)
+    fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
     staging_root = posixpath.join(out_dir, STAGING_DIR)
     if fs.exists(staging_root):  # parts of an earlier run that died: never committed, redo
         fs.rm(staging_root, recursive=True)
     staging = posixpath.join(staging_root, time.strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:8])
-    plans = {s.uri: _stats_for(s, plan.config_fingerprint) for s in plan.todo}
+    plans = {s.uri: _stats_for(s, plan.config_fingerprint, s.rel in plan.changed) for s in plan.todo}
+    previous = {s.uri: posixpath.join(plan.out_uri, s.output_name) for s in plan.todo if s.rel in plan.changed}
     coordinator = CommitCoordinator.remote(list(plans))
     sink = ShardedParquetSink(
-        coordinator, cfg.output.uri, cfg.output.storage, staging, plans,
+        coordinator, plan.out_uri, cfg.output.storage, staging, plans,
         plan.provenance["dimension"], ARROW_FLOATS[cfg.output.dtype], plan.provenance,
     )
     # one block stream per shard, no re-splitting: the tokenize stage then fuses into the read tasks
     ds = ray.data.read_datasource(
-        ShardDatasource(plan.todo, cfg.input), num_cpus=cfg.ray.io_cpus, override_num_blocks=len(plan.todo),
+        ShardDatasource(plan.todo, cfg.input, previous, cfg.output.storage), num_cpus=cfg.ray.io_cpus, override_num_blocks=len(plan.todo),
         concurrency=min(read_tasks(cfg), len(plan.todo)),
     )
     ds = map_on_actor_pool(
@@ -193,65 +231,176 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
     return state
 
 
+class GateError(RuntimeError):
+    """The quality gate scored the configuration below a floor; nothing was published."""
+
+
+COUNT_KEYS = ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens", "rows_reused")
+
+
+def remove_deleted_shards(fs, out_dir: str, names: list[str]) -> list[dict]:
+    """Delete the vector (and rejected) files of shards gone from the input; return their ids as
+    deletion records."""
+    rows = []
+    for name in names:
+        path = posixpath.join(out_dir, name)
+        prev = read_previous(fs, path, columns=("id",))
+        rows += [{"id": i, "shard": name, "reason": "shard deleted"} for i in (prev.column("id").to_pylist() if prev else [])]
+        fs.rm(path)
+        rejected = posixpath.join(out_dir, "_rejected", name)
+        if fs.exists(rejected):
+            fs.rm(rejected)
+    return rows
+
+
+def run_gate(cfg: PipelineConfig) -> dict:
+    """Score the config on gate.tasks with the evaluation stage; embeddings cached locally per
+    config fingerprint, so a nightly run on an unchanged config scores from the cache."""
+    from pipelines.evaluate import evaluate_cfg, task_score
+
+    gate_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"tasks": cfg.gate.tasks})})
+    result = evaluate_cfg(gate_cfg, os.path.expanduser("~/.cache/corpus-embed/gate"))
+    scores = {t: task_score(result, t) for t in cfg.gate.tasks}
+    failed = {t: s for t, s in scores.items() if t in cfg.gate.min_scores and s < cfg.gate.min_scores[t]}
+    return {"scores": scores, "floors": dict(cfg.gate.min_scores), "passed": not failed, "failed": sorted(failed)}
+
+
 def run(cfg: PipelineConfig, noop: bool = False) -> dict:
-    """Plan, embed and record. Returns the run summary; raises on failure."""
+    """Plan, embed, record, gate, publish, feed the sinks. Returns the run summary (also written
+    as the run report); raises on failure, after logging the run."""
     started = time.time()
-    plan = plan_run(cfg)
-    logger.info(
-        "model %s (%s, %d dims out, max_length %d), config fingerprint %s",
-        cfg.model.name, plan.resolved.model_type, plan.provenance["dimension"], plan.resolved.max_length, plan.config_fingerprint,
-    )
-    fs, out_dir = get_fs(cfg.output.uri, cfg.output.storage)
-    summary = {
-        "output": cfg.output.uri,
-        "config_fingerprint": plan.config_fingerprint,
-        "shards_total": len(plan.shards),
-        "shards_skipped": len(plan.done),
-        "shards_embedded": 0,
-        "rows_in": 0,
-        "rows_written": 0,
-        "rows_rejected": 0,
-        "rows_truncated": 0,
-        "tokens": 0,
-        "padded_tokens": 0,
-        "seconds": 0.0,
+    run_id = new_run_id()
+    root_fs, root = get_fs(cfg.output.uri, cfg.output.storage)
+    durations: dict[str, float] = {}
+    summary: dict = {
+        "run_id": run_id, "output": cfg.output.uri, "status": "running", "version": None, "published": False,
+        "shards_total": 0, "shards_skipped": 0, "shards_embedded": 0, "shards_new": 0, "shards_changed": 0,
+        "shards_deleted": 0, **{k: 0 for k in COUNT_KEYS}, "rows_deleted": 0, "seconds": 0.0,
     }
-    if not plan.todo:
+    try:
+        plan = plan_run(cfg)
+    except Exception:
+        raise  # bad config or input: nothing ran, nothing to log
+    durations["plan_s"] = time.time() - started
+    summary.update(
+        config_fingerprint=plan.config_fingerprint, version=plan.version, out_uri=plan.out_uri, model=cfg.model.name,
+        shards_total=len(plan.shards), shards_skipped=len(plan.done), shards_changed=len(plan.changed),
+        shards_new=len(plan.todo) - len(plan.changed), shards_deleted=len(plan.deleted),
+    )
+    logger.info(
+        "model %s (%s, %d dims out, max_length %d), config fingerprint %s%s",
+        cfg.model.name, plan.resolved.model_type, plan.provenance["dimension"], plan.resolved.max_length, plan.config_fingerprint,
+        f", version {plan.version}" if plan.version else "",
+    )
+    fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
+    error: BaseException | None = None
+    try:
+        if plan.todo:
+            logger.info(
+                "embedding %d of %d shards (%d new, %d changed: unchanged documents reused; %d up to date; %d deleted)",
+                len(plan.todo), len(plan.shards), summary["shards_new"], len(plan.changed), len(plan.done), len(plan.deleted),
+            )
+            t = time.time()
+            state = embed(cfg, plan, noop=noop)
+            durations["embed_s"] = time.time() - t
+        else:
+            state = {"committed": {}, "failed": {}, "pending": {}, "error": None}
+            logger.info("no shard to embed: %d up to date, %d deleted", len(plan.shards), len(plan.deleted))
+        deletions = remove_deleted_shards(fs, out_dir, plan.deleted)
+        for stats in state["committed"].values():
+            deletions += [{"id": i, "shard": stats["output"], "reason": "document removed"} for i in stats.get("deleted_ids", [])]
+        entries = load_manifest(fs, out_dir)
+        entries.update(plan.done)
+        entries.update({s["rel"]: {k: v for k, v in s.items() if k != "deleted_ids"} for s in state["committed"].values()})
+        current = {s.rel for s in plan.shards}
+        entries = {k: v for k, v in entries.items() if k in current}
+        write_manifest(fs, out_dir, entries, plan.config_fingerprint)
+        summary["deletions_file"] = write_deletions(fs, out_dir, run_id, deletions)
+        summary["rows_deleted"] = len(deletions)
+        for stats in state["committed"].values():
+            summary["shards_embedded"] += 1
+            for key in COUNT_KEYS:
+                summary[key] += stats.get(key, 0)
+            if stats["read_errors"]:
+                logger.warning("%s: the shard could not be read to the end; see %s/_rejected/%s", stats["input"], plan.out_uri, stats["output"])
+        if state["error"] is not None or state["failed"] or state["pending"]:
+            problems = [f"{s}: {e}" for s, e in state["failed"].items()]
+            problems += [f"{s}: {p['rows_staged']} of {p['rows_expected']} records staged, not committed" for s, p in state["pending"].items()]
+            detail = "\n  ".join(problems[:20])
+            raise IncompleteShardError(
+                f"{len(state['committed'])} of {len(plan.todo)} shards committed; re-run to finish the rest"
+                + (f"\n  {detail}" if detail else "")
+            ) from state["error"]
+
+        if cfg.gate.tasks:
+            t = time.time()
+            summary["gate"] = run_gate(cfg)
+            durations["gate_s"] = time.time() - t
+            if not summary["gate"]["passed"]:
+                g = summary["gate"]
+                raise GateError(
+                    "quality gate failed, nothing published: "
+                    + ", ".join(f"{task} {g['scores'][task]:.2f} < {g['floors'][task]:.2f}" for task in g["failed"])
+                )
+        previous = read_current(root_fs, root) if plan.version else None
+        if plan.version:
+            publish(root_fs, root, plan.version, run_id, plan.config_fingerprint)
+            summary["published"] = True
+            summary["previous_version"] = previous and previous.get("version")
+        if cfg.sinks.lancedb.uri:
+            from operators.sinks import sync_lancedb
+
+            t = time.time()
+            names = sorted(e["output"] for e in entries.values())
+            rebuild = bool(plan.version) and (previous or {}).get("version") != plan.version
+            summary["sinks"] = {"lancedb": sync_lancedb(
+                cfg.sinks.lancedb, fs, out_dir, names, [s["output"] for s in state["committed"].values()],
+                [d["id"] for d in deletions], plan.provenance["dimension"], rebuild,
+            )}
+            durations["sinks_s"] = time.time() - t
+        summary["status"] = "ok"
+    except BaseException as e:
+        error = e
+        summary["status"] = "gate_failed" if isinstance(e, GateError) else "failed"
+        summary["error"] = f"{type(e).__name__}: {e}"
+    finally:
         summary["seconds"] = time.time() - started
-        logger.info(
-            "nothing to do: all %d shards are up to date for config %s in %s; wrote nothing",
-            len(plan.shards), plan.config_fingerprint, cfg.output.uri,
-        )
-        return summary
-    logger.info("embedding %d of %d shards (%d already up to date)", len(plan.todo), len(plan.shards), len(plan.done))
-
-    state = embed(cfg, plan, noop=noop)
-    entries = load_manifest(fs, out_dir)
-    entries.update(plan.done)
-    entries.update({s["rel"]: s for s in state["committed"].values()})
-    current = {s.rel for s in plan.shards}
-    entries = {k: v for k, v in entries.items() if k in current}
-    write_manifest(fs, out_dir, entries, plan.config_fingerprint)
-
-    for stats in state["committed"].values():
-        summary["shards_embedded"] += 1
-        for key in ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens"):
-            summary[key] += stats.get(key, 0)
-        if stats["read_errors"]:
-            logger.warning("%s: the shard could not be read to the end; see %s/_rejected/%s", stats["input"], cfg.output.uri, stats["output"])
-    summary["seconds"] = time.time() - started
-    commits = sorted((c["committed_at"], c["rows_in"]) for c in state["committed"].values())
-    if len(commits) >= 4:  # the rate between the first and last commit: start-up left out
-        summary["steady_rows_per_s"] = sum(n for _, n in commits[1:]) / max(commits[-1][0] - commits[0][0], 1e-6)
-    if state["error"] is not None or state["failed"] or state["pending"]:
-        problems = [f"{s}: {e}" for s, e in state["failed"].items()]
-        problems += [f"{s}: {p['rows_staged']} of {p['rows_expected']} records staged, not committed" for s, p in state["pending"].items()]
-        detail = "\n  ".join(problems[:20])
-        raise IncompleteShardError(
-            f"{len(state['committed'])} of {len(plan.todo)} shards committed; re-run to finish the rest"
-            + (f"\n  {detail}" if detail else "")
-        ) from state["error"]
+        durations["total_s"] = summary["seconds"]
+        summary["durations"] = durations
+        _record_run(cfg, root_fs, root, summary)
+    if error is not None:
+        raise error
     return summary
+
+
+def _record_run(cfg: PipelineConfig, fs, root: str, s: dict) -> None:
+    """Append the run to `_runs/runs.jsonl` and write `_runs/<run_id>.json` and `.md`."""
+    secs = max(s["seconds"], 1e-9)
+    report = {
+        "run_id": s["run_id"], "status": s["status"], "output": s["output"], "version": s.get("version"),
+        "published": s.get("published", False), "config_fingerprint": s.get("config_fingerprint"), "model": cfg.model.name,
+        "counts": {
+            "shards_total": s["shards_total"], "shards_new": s["shards_new"], "shards_changed": s["shards_changed"],
+            "shards_unchanged": s["shards_skipped"], "shards_deleted": s["shards_deleted"],
+            "rows_in": s["rows_in"], "rows_embedded": s["rows_written"] - s["rows_reused"], "rows_reused": s["rows_reused"],
+            "rows_rejected": s["rows_rejected"], "rows_truncated": s["rows_truncated"], "rows_deleted": s["rows_deleted"],
+            "tokens": s["tokens"],
+        },
+        "throughput": {
+            "rows_per_s": (s["rows_written"] - s["rows_reused"]) / secs, "tokens_per_s": s["tokens"] / secs,
+            "padding_efficiency": padding_efficiency(s),
+        },
+        "durations": s["durations"], "gate": s.get("gate"), "sinks": s.get("sinks"),
+        "deletions_file": s.get("deletions_file"), "error": s.get("error"), "package_version": __version__,
+    }
+    s["report"] = report
+    try:
+        write_json(fs, posixpath.join(root, RUNS_DIR, f"{s['run_id']}.json"), report)
+        with fs.open(posixpath.join(root, RUNS_DIR, f"{s['run_id']}.md"), "w") as f:
+            f.write(report_markdown(report))
+        append_run_log(fs, root, {k: report[k] for k in ("run_id", "status", "version", "published", "config_fingerprint", "counts", "durations")})
+    except Exception as e:  # never hide the run's own outcome behind a logging failure
+        logger.warning("could not write the run report under %s/%s: %s", root, RUNS_DIR, e)
 
 
 def padding_efficiency(s: dict) -> float:
@@ -261,11 +410,18 @@ def padding_efficiency(s: dict) -> float:
 
 def format_summary(s: dict) -> str:
     secs = max(s["seconds"], 1e-9)
+    embedded = s["rows_written"] - s.get("rows_reused", 0)
+    extra = ""
+    if s.get("rows_reused") or s.get("rows_deleted"):
+        extra = f" ({embedded} embedded, {s['rows_reused']} reused), {s['rows_deleted']} deleted"
+    where = s.get("out_uri") or s["output"]
+    if s.get("published"):
+        where += " (published)"
     return (
-        f"done: {s['rows_written']} rows written, {s['rows_rejected']} rejected, {s['rows_truncated']} truncated "
+        f"done: {s['rows_written']} rows written{extra}, {s['rows_rejected']} rejected, {s['rows_truncated']} truncated "
         f"from {s['rows_in']} rows in {s['shards_embedded']} shards ({s['shards_skipped']} up to date) "
-        f"in {s['seconds']:.1f}s: {s['rows_written'] / secs:.1f} rows/s, {s['tokens'] / secs:.0f} tokens/s, "
-        f"padding efficiency {padding_efficiency(s):.2f} -> {s['output']}"
+        f"in {s['seconds']:.1f}s: {embedded / secs:.1f} rows/s, {s['tokens'] / secs:.0f} tokens/s, "
+        f"padding efficiency {padding_efficiency(s):.2f} -> {where}"
     )
 
 
@@ -290,6 +446,9 @@ def cli(description: str, argv: list[str] | None, work, summarize) -> int:
     except IncompleteShardError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except GateError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     print(summarize(result), flush=True)
     return 0
 

@@ -188,6 +188,22 @@ def score(cfg: PipelineConfig, data: dict, vec) -> dict:
 def evaluate_config(path: str | None, sets: list[str], output: str) -> dict:
     cfg = load_config(path, sets)
     logger.info("config %s:\n%s", path or "default", resolved_config_text(cfg))
+    return evaluate_cfg(cfg, output, path)
+
+
+def task_score(run: dict, task: str) -> float:
+    """The headline score x 100 of one task id (sts/stsb, clustering/banking77, ...) in a run."""
+    group, name = task.split("/", 1)
+    if group == "sts":
+        r = run["sts"][name]
+        return r["all"] if "all" in r else r["spearman"]
+    if group == "clustering":
+        return run["clustering"][name]["v_measure"]
+    return run["classification"][name]["accuracy"]
+
+
+def evaluate_cfg(cfg: PipelineConfig, output: str, path: str | None = None) -> dict:
+    """Score `cfg` on its eval.tasks; embeddings cached under `output`/cache/<fingerprint>."""
     tasks = selected_tasks(cfg)
     check_held_out(cfg)
     t0 = time.time()

@@ -37,6 +37,7 @@ def rows(lines, total=None, reject=()):
         {
             "id": ids, "shard": ["s.jsonl"] * n, "line": line, "reason": reason, "raw": [None] * n, "eof": eof,
             "embedding": emb, "n_tokens": [3] * n, "truncated": [x == 2 for x in line], "padded_tokens": [4] * n,
+            "content_hash": [None] * n, "reuse": [False] * n,
         },
         schema=output_schema(DIM),
     )

@@ -1,0 +1,181 @@
+"""Incremental re-embedding: content hashes, reuse marks, versions, deletions and the run log.
+
+A nightly run over a corpus that changed a little:
+- unchanged shards (same input fingerprint, same config fingerprint) are skipped;
+- changed shards are read again, and each document whose id and content hash match the shard's
+  previous vector file is marked `reuse`: the model skips it and the commit copies its earlier
+  vector; documents that disappeared from the shard are recorded as deletions;
+- new shards are embedded; deleted shards have their vector files removed and every id recorded
+  as a deletion.
+With `output.versioned`, every config fingerprint writes to its own version folder
+`<output.uri>/v-<fingerprint>/`, and `<output.uri>/CURRENT.json` names the published version,
+switched only once a run completes (and passes the quality gate): a model or extraction change
+re-embeds everything into a new folder while the previous version stays readable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from operators.storage import commit_file
+
+CURRENT = "CURRENT.json"
+RUNS_DIR = "_runs"
+RUN_LOG = "runs.jsonl"
+DELETIONS_DIR = "_deletions"
+DELETIONS_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
+
+
+def content_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def version_name(config_fingerprint: str) -> str:
+    return f"v-{config_fingerprint}"
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def read_previous(fs, path: str, columns=("id", "content_hash")) -> pa.Table | None:
+    """A committed vector shard's columns, or None when there is none (or it predates hashes)."""
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        have = set(pf.schema_arrow.names)
+        if not set(columns) <= have:
+            return None
+        return pf.read(columns=list(columns))
+
+
+def mark_reuse(block: pa.Table, previous: dict[str, str] | None) -> pa.Table:
+    """Add content_hash (valid rows) and reuse (True where the id's previous vector was computed
+    from the same text) to a READ_SCHEMA block."""
+    texts = block.column("text").to_pylist()
+    reasons = block.column("reason").to_pylist()
+    eof = block.column("eof").to_pylist()
+    hashes = [content_hash(t) if (t is not None and r is None and not e) else None for t, r, e in zip(texts, reasons, eof)]
+    if previous:
+        ids = block.column("id").to_pylist()
+        reuse = [h is not None and previous.get(i) == h for i, h in zip(ids, hashes)]
+    else:
+        reuse = [False] * block.num_rows
+    return block.append_column("content_hash", pa.array(hashes, pa.string())).append_column("reuse", pa.array(reuse, pa.bool_()))
+
+
+def fill_reused(table: pa.Table, previous: pa.Table | None, embedding_type: pa.DataType) -> tuple[pa.Table, int]:
+    """Replace the (null) embeddings of `reuse` rows by the previous vectors with the same id."""
+    if "reuse" not in table.column_names:
+        return table, 0
+    reuse = pc.fill_null(table.column("reuse"), False).to_numpy(zero_copy_only=False)
+    if not reuse.any():
+        return table, 0
+    if previous is None:
+        raise RuntimeError("rows were marked for reuse but the shard has no previous vector file")
+    index = {k: i for i, k in enumerate(previous.column("id").to_pylist())}
+    ids = table.column("id").to_pylist()
+    missing = [ids[i] for i in np.flatnonzero(reuse) if ids[i] not in index]
+    if missing:
+        raise RuntimeError(f"{len(missing)} reused ids are not in the previous vector file, e.g. {missing[0]!r}")
+    take = np.array([index[ids[i]] if reuse[i] else 0 for i in range(len(ids))], dtype=np.int64)
+    old = previous.column("embedding").cast(embedding_type).take(pa.array(take))
+    new = table.column("embedding").cast(embedding_type)
+    merged = pc.if_else(pa.array(reuse), old, new)
+    col = table.column_names.index("embedding")
+    return table.set_column(col, table.schema.field("embedding").with_type(embedding_type), merged), int(reuse.sum())
+
+
+def write_deletions(fs, out_dir: str, run_id: str, rows: list[dict]) -> str | None:
+    """`_deletions/<run_id>.parquet` (id, shard, reason) in the output folder; None when empty."""
+    if not rows:
+        return None
+    path = posixpath.join(out_dir, DELETIONS_DIR, f"{run_id}.parquet")
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema=DELETIONS_SCHEMA), f)
+    commit_file(fs, tmp, path)
+    return path
+
+
+def read_current(fs, root: str) -> dict | None:
+    path = posixpath.join(root, CURRENT)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_json(fs, path: str, value) -> None:
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with fs.open(tmp, "w") as f:
+        f.write(json.dumps(value, indent=1, default=str) + "\n")
+    commit_file(fs, tmp, path)
+
+
+def publish(fs, root: str, version: str, run_id: str, fingerprint: str) -> dict:
+    """Point CURRENT.json at `version` (an atomic replace): readers switch only now."""
+    current = {"version": version, "config_fingerprint": fingerprint, "run_id": run_id, "published_at": time.time()}
+    write_json(fs, posixpath.join(root, CURRENT), current)
+    return current
+
+
+def append_run_log(fs, root: str, entry: dict) -> None:
+    """Append one JSON line to `_runs/runs.jsonl` (rewritten whole: object stores cannot append)."""
+    path = posixpath.join(root, RUNS_DIR, RUN_LOG)
+    old = ""
+    if fs.exists(path):
+        with fs.open(path, "r") as f:
+            old = f.read()
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with fs.open(tmp, "w") as f:
+        f.write(old + json.dumps(entry, default=str) + "\n")
+    commit_file(fs, tmp, path)
+
+
+def read_run_log(fs, root: str) -> list[dict]:
+    path = posixpath.join(root, RUNS_DIR, RUN_LOG)
+    if not fs.exists(path):
+        return []
+    with fs.open(path, "r") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def report_markdown(r: dict) -> str:
+    c = r["counts"]
+    lines = [
+        f"# corpus-embed run {r['run_id']}: {r['status']}",
+        "",
+        f"- output: `{r['output']}` version `{r.get('version') or '-'}`" + (" (published)" if r.get("published") else ""),
+        f"- config fingerprint: `{r['config_fingerprint']}`; model `{r['model']}`",
+        f"- shards: {c['shards_new']} new, {c['shards_changed']} changed, {c['shards_unchanged']} unchanged, {c['shards_deleted']} deleted",
+        f"- documents: {c['rows_embedded']} embedded, {c['rows_reused']} reused, {c['rows_rejected']} rejected, "
+        f"{c['rows_deleted']} deleted, {c['rows_truncated']} truncated",
+        f"- time: {r['durations']['total_s']:.1f}s ({', '.join(f'{k[:-2]} {v:.1f}s' for k, v in r['durations'].items() if k != 'total_s')}); "
+        f"{r['throughput']['rows_per_s']:.1f} rows/s, {r['throughput']['tokens_per_s']:.0f} tokens/s",
+    ]
+    if r.get("gate"):
+        g = r["gate"]
+        lines.append(f"- quality gate: {'passed' if g['passed'] else 'FAILED'}")
+        for task, s in g["scores"].items():
+            floor = g["floors"].get(task)
+            lines.append(f"  - {task}: {s:.2f}" + (f" (floor {floor:.2f})" if floor is not None else ""))
+    if r.get("sinks"):
+        for name, s in r["sinks"].items():
+            lines.append(f"- sink {name}: " + ", ".join(f"{k} {v}" for k, v in s.items()))
+    if r.get("error"):
+        lines.append(f"- error: {r['error']}")
+    return "\n".join(lines) + "\n"

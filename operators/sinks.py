@@ -1,0 +1,111 @@
+"""Vector store sinks, fed from the committed Parquet vector shards after a run.
+
+LanceDB (`sinks.lancedb`): one table of (id, vector, shard), kept equal to the published output.
+A run that published a new version (or finds no table) rebuilds the table from every shard of
+that version; a nightly run on the same version deletes the ids recorded as deletions, then
+upserts (merge_insert on id) the rows of the shards it committed, so the table holds exactly one
+row per id. An ANN index (IVF_PQ, IVF_FLAT, IVF_HNSW_SQ, ...) is (re)built when configured and the
+table has at least `index.min_rows` rows, plus a scalar index on id for the merges.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from collections.abc import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from operators.config import LanceDBSinkConfig
+
+
+class SinkError(RuntimeError):
+    pass
+
+
+def lance_schema(dimension: int) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dimension)), ("shard", pa.string())])
+
+
+def shard_rows(fs, path: str, dimension: int) -> pa.Table:
+    """A vector shard as LanceDB rows."""
+    with fs.open(path, "rb") as f:
+        t = pq.read_table(f, columns=["id", "embedding"])
+    vec = t.column("embedding").cast(pa.list_(pa.float32(), dimension))
+    shard = pa.array([posixpath.basename(path)] * t.num_rows, pa.string())
+    return pa.Table.from_arrays([t.column("id"), vec, shard], schema=lance_schema(dimension))
+
+
+def _batches(fs, paths: Iterable[str], dimension: int) -> Iterator[pa.RecordBatch]:
+    for p in paths:
+        yield from shard_rows(fs, p, dimension).to_batches()
+
+
+def _quote(ids: list[str]) -> str:
+    return ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+
+
+def connect(cfg: LanceDBSinkConfig):
+    try:
+        import lancedb
+    except ImportError as e:  # an optional extra
+        raise SinkError("sinks.lancedb needs the lancedb package: pip install 'corpus-embed[lancedb]'") from e
+    options = dict(cfg.storage_options)
+    return lancedb.connect(cfg.uri, storage_options=options or None)
+
+
+def sync_lancedb(
+    cfg: LanceDBSinkConfig,
+    fs,
+    out_dir: str,
+    all_shards: list[str],
+    committed: list[str],
+    deleted_ids: list[str],
+    dimension: int,
+    rebuild: bool,
+) -> dict:
+    """Bring the LanceDB table in line with the output folder; returns counts for the run report."""
+    started = time.time()
+    db = connect(cfg)
+    schema = lance_schema(dimension)
+    exists = cfg.table in db.table_names()
+    stats: dict = {"table": cfg.table}
+    paths = lambda names: [posixpath.join(out_dir, n) for n in names]  # noqa: E731
+    if rebuild or not exists:
+        table = db.create_table(cfg.table, data=pa.RecordBatchReader.from_batches(schema, _batches(fs, paths(all_shards), dimension)),
+                                schema=schema, mode="overwrite")
+        stats["mode"] = "rebuilt"
+    else:
+        table = db.open_table(cfg.table)
+        if table.schema.field("vector").type != schema.field("vector").type:
+            raise SinkError(
+                f"sinks.lancedb: table {cfg.table} holds {table.schema.field('vector').type} vectors, this run "
+                f"{schema.field('vector').type}; a model change needs output.versioned (which rebuilds) or a new table"
+            )
+        deleted = 0
+        for start in range(0, len(deleted_ids), 1000):
+            chunk = deleted_ids[start : start + 1000]
+            table.delete(f"id IN ({_quote(chunk)})")
+            deleted += len(chunk)
+        upserted = 0
+        for p in paths(committed):
+            rows = shard_rows(fs, p, dimension)
+            if rows.num_rows:
+                table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+                upserted += rows.num_rows
+        stats.update(mode="incremental", deleted=deleted, upserted=upserted)
+    n = table.count_rows()
+    stats["rows"] = n
+    idx = cfg.index
+    if idx.type != "none" and n >= idx.min_rows:
+        kwargs = dict(metric=idx.metric, vector_column_name="vector", index_type=idx.type.upper(), replace=True)
+        if idx.num_partitions:
+            kwargs["num_partitions"] = idx.num_partitions
+        if idx.num_sub_vectors and idx.type.lower() == "ivf_pq":
+            kwargs["num_sub_vectors"] = idx.num_sub_vectors
+        table.create_index(**kwargs)
+        table.create_scalar_index("id", replace=True)
+        stats["index"] = idx.type
+    stats["seconds"] = round(time.time() - started, 2)
+    return stats
