@@ -41,6 +41,7 @@ from operators.incremental import (
 )
 from operators.models import ModelLoadError, ResolvedModel, resolve_model
 from operators.postprocess import ArtifactError
+from operators.sinks import SinkError, sync_lancedb
 from operators.provenance import build_provenance, check_artifact
 from operators.storage import InputError, Shard, check_writable, get_fs, list_shards
 from operators.writers import (
@@ -316,6 +317,8 @@ def run(cfg: PipelineConfig, noop: bool = False) -> dict:
         entries = {k: v for k, v in entries.items() if k in current}
         write_manifest(fs, out_dir, entries, plan.config_fingerprint)
         summary["deletions_file"] = write_deletions(fs, out_dir, run_id, deletions)
+        summary["committed_shards"] = sorted(s["output"] for s in state["committed"].values())
+        summary["deleted_shards"] = plan.deleted
         summary["rows_deleted"] = len(deletions)
         for stats in state["committed"].values():
             summary["shards_embedded"] += 1
@@ -348,8 +351,6 @@ def run(cfg: PipelineConfig, noop: bool = False) -> dict:
             summary["published"] = True
             summary["previous_version"] = previous and previous.get("version")
         if cfg.sinks.lancedb.uri:
-            from operators.sinks import sync_lancedb
-
             t = time.time()
             names = sorted(e["output"] for e in entries.values())
             rebuild = bool(plan.version) and (previous or {}).get("version") != plan.version
@@ -391,6 +392,7 @@ def _record_run(cfg: PipelineConfig, fs, root: str, s: dict) -> None:
             "padding_efficiency": padding_efficiency(s),
         },
         "durations": s["durations"], "gate": s.get("gate"), "sinks": s.get("sinks"),
+        "out_uri": s.get("out_uri"), "committed_shards": s.get("committed_shards", []), "deleted_shards": s.get("deleted_shards", []),
         "deletions_file": s.get("deletions_file"), "error": s.get("error"), "package_version": __version__,
     }
     s["report"] = report
@@ -449,6 +451,9 @@ def cli(description: str, argv: list[str] | None, work, summarize) -> int:
     except GateError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
+    except SinkError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     print(summarize(result), flush=True)
     return 0
 
