@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit --w
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from operators import __version__
+from operators.benchmarks import BenchmarkError
 from operators.config import ConfigError, PipelineConfig, load_config, resolved_config_text
 from operators.embed import ARROW_FLOATS, EmbedSpec
 from operators.incremental import (
@@ -86,10 +87,16 @@ def plan_run(cfg: PipelineConfig) -> Plan:
     resolved = resolve_model(cfg.model, cfg.extraction)
     _, _, artifact_sha = check_artifact(cfg, resolved)
     provenance, fp = build_provenance(cfg, resolved, artifact_sha)
-    if cfg.gate.tasks:
-        from pipelines.evaluate import selected_tasks
+    if cfg.gate.tasks:  # the gate's tasks and data must be there before hours of embedding
+        from pipelines.evaluate import load_tasks, selected_tasks
 
-        selected_tasks(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"tasks": cfg.gate.tasks})}))
+        gate_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"tasks": cfg.gate.tasks})})
+        load_tasks(gate_cfg, selected_tasks(gate_cfg))
+    if cfg.sinks.lancedb.uri:
+        try:
+            import lancedb  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("sinks.lancedb.uri is set but lancedb is not installed: pip install 'corpus-embed[lancedb]'") from e
     out_uri, version = output_location(cfg, fp)
     check_writable(out_uri, cfg.output.storage)
 
@@ -278,10 +285,7 @@ def run(cfg: PipelineConfig, noop: bool = False) -> dict:
         "shards_total": 0, "shards_skipped": 0, "shards_embedded": 0, "shards_new": 0, "shards_changed": 0,
         "shards_deleted": 0, **{k: 0 for k in COUNT_KEYS}, "rows_deleted": 0, "seconds": 0.0,
     }
-    try:
-        plan = plan_run(cfg)
-    except Exception:
-        raise  # bad config or input: nothing ran, nothing to log
+    plan = plan_run(cfg)  # bad config or input raises here: nothing ran, nothing to log
     durations["plan_s"] = time.time() - started
     summary.update(
         config_fingerprint=plan.config_fingerprint, version=plan.version, out_uri=plan.out_uri, model=cfg.model.name,
@@ -298,7 +302,7 @@ def run(cfg: PipelineConfig, noop: bool = False) -> dict:
     try:
         if plan.todo:
             logger.info(
-                "embedding %d of %d shards (%d new, %d changed: unchanged documents reused; %d up to date; %d deleted)",
+                "embedding %d of %d shards (%d new, %d changed: unchanged documents reused; %d already up to date; %d deleted)",
                 len(plan.todo), len(plan.shards), summary["shards_new"], len(plan.changed), len(plan.done), len(plan.deleted),
             )
             t = time.time()
@@ -310,12 +314,14 @@ def run(cfg: PipelineConfig, noop: bool = False) -> dict:
         deletions = remove_deleted_shards(fs, out_dir, plan.deleted)
         for stats in state["committed"].values():
             deletions += [{"id": i, "shard": stats["output"], "reason": "document removed"} for i in stats.get("deleted_ids", [])]
-        entries = load_manifest(fs, out_dir)
+        recorded = load_manifest(fs, out_dir)
+        entries = dict(recorded)
         entries.update(plan.done)
         entries.update({s["rel"]: {k: v for k, v in s.items() if k != "deleted_ids"} for s in state["committed"].values()})
         current = {s.rel for s in plan.shards}
         entries = {k: v for k, v in entries.items() if k in current}
-        write_manifest(fs, out_dir, entries, plan.config_fingerprint)
+        if entries != recorded:  # a run with nothing to do rewrites nothing
+            write_manifest(fs, out_dir, entries, plan.config_fingerprint)
         summary["deletions_file"] = write_deletions(fs, out_dir, run_id, deletions)
         summary["committed_shards"] = sorted(s["output"] for s in state["committed"].values())
         summary["deleted_shards"] = plan.deleted
@@ -442,7 +448,7 @@ def cli(description: str, argv: list[str] | None, work, summarize) -> int:
         cfg = load_config(args.config, args.set)
         logger.info("corpus-embed %s, resolved config:\n%s", __version__, resolved_config_text(cfg))
         result = work(cfg)
-    except (ConfigError, InputError, ModelLoadError, ArtifactError) as e:
+    except (ConfigError, InputError, ModelLoadError, ArtifactError, BenchmarkError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except IncompleteShardError as e:

@@ -102,11 +102,15 @@ def test_local_end_to_end_with_bad_rows(ray_local, tmp_path, minilm_path):
     assert meta["package_version"]
     assert not (tmp_path / "out" / "_staging").exists()
 
-    # Re-run: nothing to do, nothing written.
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+    # Re-run: nothing to do, nothing written but the run's own log entry and report.
+    def outputs():
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if "_runs" not in p.parts}
+
+    before = outputs()
     again = run(cfg)
     assert again["shards_embedded"] == 0 and again["shards_skipped"] == 3
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == before
+    assert outputs() == before
+    assert len((tmp_path / "out" / "_runs" / "runs.jsonl").read_text().splitlines()) == 2
 
     # A changed shard is re-embedded, and only that one.
     write_jsonl(corpus / "part-02.jsonl", [{"id": "new", "text": "A brand new document."}])
@@ -127,7 +131,8 @@ def test_s3_input_and_output(ray_local, tmp_path, s3_bucket, tiny_bert):
     assert (summary["rows_written"], summary["shards_embedded"]) == (60, 2)
     shards = list_shards(f"s3://{s3_bucket}/corpus/", "auto", cfg.input.storage)
     listing = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/vectors/"))
-    assert listing == sorted(["manifest.json", *(s.output_name for s in shards)])
+    assert listing == sorted(["manifest.json", "_runs", *(s.output_name for s in shards)])
+    assert json.loads(fs.cat(f"{s3_bucket}/vectors/_runs/{summary['run_id']}.json"))["status"] == "ok"
     manifest = json.loads(fs.cat(f"{s3_bucket}/vectors/manifest.json"))
     assert all("etag" in e["input_fingerprint"] for e in manifest["shards"])
     vectors = read_vectors(fs, f"{s3_bucket}/vectors")
@@ -205,7 +210,8 @@ def test_kill_then_resume_equals_a_clean_run(ray_local, tmp_path, minilm_path):
     resumed = run_cli(["--config", str(path), *sets])
     log = resumed.communicate(timeout=300)[0].decode()
     assert resumed.returncode == 0, log[-3000:]
-    assert f"embedding {shards - committed} of {shards} shards ({committed} already up to date)" in log
+    assert f"embedding {shards - committed} of {shards} shards ({shards - committed} new" in log
+    assert f"{committed} already up to date" in log
 
     clean_cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"uri": str(tmp_path / "clean")})})
     run(clean_cfg)  # uninterrupted, in this process's Ray

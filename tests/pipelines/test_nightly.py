@@ -145,3 +145,19 @@ def test_quality_gate_blocks_publishing(ray_local, tmp_path, tiny_bert):
     assert read_current(fs, str(out))["version"] == ok["version"]  # not published
     log = read_run_log(fs, str(out))
     assert [e["status"] for e in log] == ["ok", "gate_failed"] and log[1]["published"] is False
+
+
+def test_gate_and_sink_problems_fail_before_any_work(tmp_path, minilm_path, capsys):
+    from pipelines.embed_corpus import main
+
+    corpus = tmp_path / "corpus"
+    corpus_v1(corpus)
+    _, path = config(tmp_path, corpus, tmp_path / "out", minilm_path)
+    gate = ["--set", "gate.tasks=[sts/stsb]", "--set", "gate.min_scores={sts/stsb: 70}"]
+    assert main(["--config", str(path), *gate, "--set", f"eval.data_dir={tmp_path / 'no-benchmarks'}"]) == 2
+    assert "no-benchmarks" in capsys.readouterr().err
+    assert main(["--config", str(path), "--set", "gate.tasks=[sts/nope]", "--set", "gate.min_scores={sts/nope: 1}"]) == 2
+    assert "sts/nope" in capsys.readouterr().err
+    assert main(["--config", str(path), "--set", "gate.tasks=[sts/stsb]"]) == 2  # a gate without floors
+    assert "min_scores" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*.parquet"))  # nothing was embedded
