@@ -169,6 +169,9 @@ class RayConfig(_Strict):
     # read+tokenize tasks at once (one worker process each: each imports transformers once).
     # None: max(2, the cluster's CPUs / 4); one process tokenizes ~10,000 sentences/s.
     read_tasks: int | None = Field(None, ge=1)
+    # where tokenization runs: "actors", a pool of read_tasks CPU actors that keep the tokenizer
+    # loaded; "tasks", Ray tasks fused into the reads (each new worker process imports transformers)
+    tokenize_on: Literal["actors", "tasks"] = "actors"
 
     @model_validator(mode="after")
     def _bounds(self) -> "RayConfig":

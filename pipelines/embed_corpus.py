@@ -173,18 +173,25 @@ def read_tasks(cfg: PipelineConfig) -> int:
 
 
 def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec, resolved: ResolvedModel, tokenize: bool = True, inputs: int | None = None):
-    """Tokenize in CPU tasks (`tokenize_batch`, fused into the read tasks), then `ds.map_batches(fn)`
-    on the embedding actor pool. `make_spec(num_threads)` builds the EmbedSpec passed to both."""
+    """Tokenize on CPU apart from the model (a small pool of CPU actors holding the tokenizer, or
+    tasks fused into the reads: ray.tokenize_on), then `ds.map_batches(fn)` on the embedding actor
+    pool. `make_spec(num_threads)` builds the EmbedSpec passed to both."""
     from ray.data import ActorPoolStrategy
 
-    from operators.tokenize import tokenize_batch
+    from operators.tokenize import TextEncoder, tokenize_batch
 
     gpus, threads = actor_resources(cfg, resolved)
     spec = make_spec(threads)
-    if tokenize:
+    n = min(read_tasks(cfg), inputs or read_tasks(cfg))
+    if tokenize and cfg.ray.tokenize_on == "actors":
+        ds = ds.map_batches(
+            TextEncoder, fn_constructor_args=(spec,), batch_format="pyarrow", batch_size=None,
+            compute=ActorPoolStrategy(min_size=1, max_size=n), num_cpus=cfg.ray.io_cpus,
+        )
+    elif tokenize:
         ds = ds.map_batches(
             tokenize_batch, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None, num_cpus=cfg.ray.io_cpus,
-            concurrency=min(read_tasks(cfg), inputs or read_tasks(cfg)),  # the same as the read: they fuse
+            concurrency=n,  # the same as the read's: they fuse
         )
     return ds.map_batches(
         fn,
@@ -332,6 +339,9 @@ def run(cfg: PipelineConfig, noop: bool = False) -> dict:
                 summary[key] += stats.get(key, 0)
             if stats["read_errors"]:
                 logger.warning("%s: the shard could not be read to the end; see %s/_rejected/%s", stats["input"], plan.out_uri, stats["output"])
+        commits = sorted((c["committed_at"], c["rows_in"]) for c in state["committed"].values())
+        if len(commits) >= 4:  # the rate between the first and last commit: start-up left out
+            summary["steady_rows_per_s"] = sum(n for _, n in commits[1:]) / max(commits[-1][0] - commits[0][0], 1e-6)
         if state["error"] is not None or state["failed"] or state["pending"]:
             problems = [f"{s}: {e}" for s, e in state["failed"].items()]
             problems += [f"{s}: {p['rows_staged']} of {p['rows_expected']} records staged, not committed" for s, p in state["pending"].items()]
