@@ -155,7 +155,7 @@ class RayConfig(_Strict):
     address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local cluster
     num_cpus: int | None = Field(None, ge=1)  # local cluster only; None: all cores
     min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1)
+    max_actors: int | None = Field(None, ge=1)  # None: 1 on CPU; on a GPU cluster, its GPUs / gpus_per_actor
     # CPUs reserved per embedding actor (a Ray scheduling unit, not the thread count). Keep below the
     # node's cores so read, tokenize and write tasks still get scheduled (on 2 cores, 1).
     cpus_per_actor: float = Field(1.0, gt=0)
@@ -175,7 +175,7 @@ class RayConfig(_Strict):
 
     @model_validator(mode="after")
     def _bounds(self) -> "RayConfig":
-        if self.min_actors > self.max_actors:
+        if self.max_actors is not None and self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
         return self
 

@@ -162,7 +162,7 @@ def actor_resources(cfg: PipelineConfig, resolved: ResolvedModel) -> tuple[float
     threads = cfg.ray.threads_per_actor
     if threads is None:
         node_cpus = max((n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")), default=1)
-        threads = max(1, int(node_cpus) // cfg.ray.max_actors)
+        threads = max(1, int(node_cpus) // (cfg.ray.max_actors or 1))
     return 0, threads
 
 
@@ -180,7 +180,11 @@ def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec, resolved: Resolved
 
     from operators.tokenize import TextEncoder, tokenize_batch
 
+    import ray
+
     gpus, threads = actor_resources(cfg, resolved)
+    # pool size: as configured; else one CPU actor, or as many fractional actors as the GPUs hold
+    pool = cfg.ray.max_actors or (max(1, int(ray.cluster_resources().get("GPU", 0) / gpus)) if gpus else 1)
     spec = make_spec(threads)
     n = min(read_tasks(cfg), inputs or read_tasks(cfg))
     if tokenize and cfg.ray.tokenize_on == "actors":
@@ -198,7 +202,7 @@ def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec, resolved: Resolved
         fn_constructor_args=(spec,),
         batch_format="pyarrow",
         batch_size=cfg.ray.batch_size,
-        compute=ActorPoolStrategy(min_size=cfg.ray.min_actors, max_size=cfg.ray.max_actors),
+        compute=ActorPoolStrategy(min_size=min(cfg.ray.min_actors, pool), max_size=pool),
         num_cpus=cfg.ray.cpus_per_actor,
         num_gpus=gpus,
     )
