@@ -166,8 +166,8 @@ class RayConfig(_Strict):
     # reads, tokenization and writes are light and interleave)
     threads_per_actor: int | None = Field(None, ge=1)
     io_cpus: float = Field(0.25, gt=0)  # CPUs reserved per read/write task
-    # read+tokenize tasks at once (one worker process each: each imports transformers once).
-    # None: max(2, the cluster's CPUs / 4); one process tokenizes ~10,000 sentences/s.
+    # read tasks at once, and the size of the tokenize actor pool (each process imports transformers
+    # once). None: max(2, the cluster's CPUs / 4); one process tokenizes ~10,000 sentences/s.
     read_tasks: int | None = Field(None, ge=1)
     # where tokenization runs: "actors", a pool of read_tasks CPU actors that keep the tokenizer
     # loaded; "tasks", Ray tasks fused into the reads (each new worker process imports transformers)

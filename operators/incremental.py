@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from operators.storage import commit_file
+from operators.storage import commit_file, write_text_atomic
 
 CURRENT = "CURRENT.json"
 RUNS_DIR = "_runs"
@@ -118,11 +118,7 @@ def read_current(fs, root: str) -> dict | None:
 
 
 def write_json(fs, path: str, value) -> None:
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with fs.open(tmp, "w") as f:
-        f.write(json.dumps(value, indent=1, default=str) + "\n")
-    commit_file(fs, tmp, path)
+    write_text_atomic(fs, path, json.dumps(value, indent=1, default=str) + "\n")
 
 
 def publish(fs, root: str, version: str, run_id: str, fingerprint: str) -> dict:
@@ -139,11 +135,7 @@ def append_run_log(fs, root: str, entry: dict) -> None:
     if fs.exists(path):
         with fs.open(path, "r") as f:
             old = f.read()
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with fs.open(tmp, "w") as f:
-        f.write(old + json.dumps(entry, default=str) + "\n")
-    commit_file(fs, tmp, path)
+    write_text_atomic(fs, path, old + json.dumps(entry, default=str) + "\n")
 
 
 def read_run_log(fs, root: str) -> list[dict]:

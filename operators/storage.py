@@ -189,6 +189,16 @@ def check_writable(uri: str, storage: StorageConfig) -> None:
         raise InputError(f"output.uri: cannot write to {uri}: {type(e).__name__}: {e}.{hint}") from e
 
 
+def write_text_atomic(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
+    """Write `text` to a hidden temporary file beside `path`, then commit it into place."""
+    folder, name = posixpath.split(path)
+    fs.makedirs(folder, exist_ok=True)
+    tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    with fs.open(tmp, "w") as f:
+        f.write(text)
+    commit_file(fs, tmp, path)
+
+
 def commit_file(fs: fsspec.AbstractFileSystem, staged: str, final: str) -> None:
     """Move a fully written file into place. A rename on local disks; on object stores the
     final object only appears once it is complete, so readers never see a partial shard."""

@@ -1,9 +1,10 @@
-"""Tokenization, the CPU stage before the model actors. Imports no torch, so the tasks that run
-it start fast.
+"""Tokenization, the CPU stage before the model actors (this module does not import torch itself,
+though transformers does once a tokenizer loads).
 
-`tokenize_batch` (a `map_batches` function) formats each text (template, instruction,
-demonstrations) and tokenizes it into one or more windows of ids, carried to the actors as
-list columns (TOKEN_COLUMNS). `plan_batches` is the actors' length bucketing.
+`TextEncoder` (a callable class for a CPU actor pool; `tokenize_batch` wraps it for Ray tasks)
+formats each text (template, instruction, demonstrations) and tokenizes it into one or more
+windows of ids, carried to the model actors as list columns (TOKEN_COLUMNS). `plan_batches` is
+the model actors' length bucketing.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from operators import __version__
 from operators.incremental import fill_reused, read_previous
-from operators.storage import commit_file
+from operators.storage import commit_file, write_text_atomic
 
 METADATA_KEY = b"corpus_embed"
 MANIFEST = "manifest.json"
@@ -71,6 +71,10 @@ class ShardStats:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+# The per-shard counts a commit records (Parquet footer, manifest) and a run sums.
+COUNT_KEYS = ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens", "rows_reused")
 
 
 def vector_schema(dimension: int, value_type: pa.DataType) -> pa.Schema:
@@ -186,7 +190,7 @@ def commit_shard(
         stats.read_errors = int(pc.sum(pc.starts_with(rejects.column("reason"), "shard read error")).as_py() or 0)
         stats.committed_at = time.time()
         meta = dict(provenance, input={"uri": stats.input, "fingerprint": stats.input_fingerprint})
-        meta["counts"] = {k: getattr(stats, k) for k in ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens", "rows_reused")}
+        meta["counts"] = {k: getattr(stats, k) for k in COUNT_KEYS}
         writer.add_key_value_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
     rejected_final = posixpath.join(output_dir, REJECTED_DIR, stats.output)
@@ -235,8 +239,5 @@ def write_manifest(fs, output_dir: str, entries: dict, config_fingerprint: str) 
         "config_fingerprint": config_fingerprint,
         "shards": [entries[k] for k in sorted(entries)],
     }
-    tmp = posixpath.join(output_dir, f".{MANIFEST}.{uuid.uuid4().hex}.tmp")
-    with fs.open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-    commit_file(fs, tmp, path)
+    write_text_atomic(fs, path, json.dumps(doc, indent=1, sort_keys=True))
     return path

@@ -158,19 +158,19 @@ def run_pipeline(cfg: PipelineConfig, corpus: Path, out: Path, noop: bool = Fals
     }
 
 
-def run_baseline(cfg: PipelineConfig, texts: list[str]) -> dict:
+def run_baseline(cfg: PipelineConfig, resolved, texts: list[str]) -> dict:
     """sentence-transformers' encode over `texts`, same folder, dtype and device; model load untimed."""
     import torch
     from sentence_transformers import SentenceTransformer
 
-    resolved = resolve_model(cfg.model, cfg.extraction)
+    from operators.embed import TORCH_DTYPES, pick_device
+
     source = local_source(resolved)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
-    model_kwargs: dict = {"torch_dtype": dtype}
+    model_kwargs: dict = {"torch_dtype": TORCH_DTYPES[cfg.model.dtype]}
     tokenizer_kwargs: dict = {}
     if resolved.gguf_file:
         model_kwargs["gguf_file"] = tokenizer_kwargs["gguf_file"] = resolved.gguf_file
-    device = "cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = pick_device(cfg.model.device).type
     st = SentenceTransformer(source, device=device, model_kwargs=model_kwargs, tokenizer_kwargs=tokenizer_kwargs)
     if st.tokenizer.pad_token is None:
         st.tokenizer.pad_token = st.tokenizer.eos_token
@@ -225,7 +225,7 @@ def benchmark(cfg: PipelineConfig, docs: int, shard_docs: int, workdir: Path, ph
     if "baseline" in phases:
         logger.info("baseline: sentence-transformers encode on the same %d texts", docs)
         try:
-            report["baseline"] = run_baseline(cfg, texts)
+            report["baseline"] = run_baseline(cfg, resolved, texts)
         except Exception as e:  # a model sentence-transformers cannot load: say so, keep the rest
             report["baseline"] = {"error": f"{type(e).__name__}: {e}"}
 

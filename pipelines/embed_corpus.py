@@ -44,8 +44,9 @@ from operators.models import ModelLoadError, ResolvedModel, resolve_model
 from operators.postprocess import ArtifactError
 from operators.sinks import SinkError, sync_lancedb
 from operators.provenance import build_provenance, check_artifact
-from operators.storage import InputError, Shard, check_writable, get_fs, list_shards
+from operators.storage import InputError, Shard, check_writable, get_fs, list_shards, write_text_atomic
 from operators.writers import (
+    COUNT_KEYS,
     STAGING_DIR,
     IncompleteShardError,
     ShardStats,
@@ -71,6 +72,11 @@ class Plan:
     deleted: list[str] = field(default_factory=list)  # vector files of shards gone from the input
 
 
+def gate_eval_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The config the quality gate scores: eval.tasks replaced by gate.tasks."""
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"tasks": cfg.gate.tasks})})
+
+
 def output_location(cfg: PipelineConfig, fp: str) -> tuple[str, str | None]:
     if not cfg.output.versioned:
         return cfg.output.uri, None
@@ -90,7 +96,7 @@ def plan_run(cfg: PipelineConfig) -> Plan:
     if cfg.gate.tasks:  # the gate's tasks and data must be there before hours of embedding
         from pipelines.evaluate import load_tasks, selected_tasks
 
-        gate_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"tasks": cfg.gate.tasks})})
+        gate_cfg = gate_eval_config(cfg)
         load_tasks(gate_cfg, selected_tasks(gate_cfg))
     if cfg.sinks.lancedb.uri:
         try:
@@ -176,11 +182,10 @@ def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec, resolved: Resolved
     """Tokenize on CPU apart from the model (a small pool of CPU actors holding the tokenizer, or
     tasks fused into the reads: ray.tokenize_on), then `ds.map_batches(fn)` on the embedding actor
     pool. `make_spec(num_threads)` builds the EmbedSpec passed to both."""
+    import ray
     from ray.data import ActorPoolStrategy
 
     from operators.tokenize import TextEncoder, tokenize_batch
-
-    import ray
 
     gpus, threads = actor_resources(cfg, resolved)
     # pool size: as configured; else one CPU actor, or as many fractional actors as the GPUs hold
@@ -229,7 +234,7 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
         coordinator, plan.out_uri, cfg.output.storage, staging, plans,
         plan.provenance["dimension"], ARROW_FLOATS[cfg.output.dtype], plan.provenance,
     )
-    # one block stream per shard, no re-splitting: the tokenize stage then fuses into the read tasks
+    # one block stream per shard, no re-splitting (with ray.tokenize_on=tasks the tokenize stage fuses into the reads)
     ds = ray.data.read_datasource(
         ShardDatasource(plan.todo, cfg.input, previous, cfg.output.storage), num_cpus=cfg.ray.io_cpus, override_num_blocks=len(plan.todo),
         concurrency=min(read_tasks(cfg), len(plan.todo)),
@@ -254,9 +259,6 @@ class GateError(RuntimeError):
     """The quality gate scored the configuration below a floor; nothing was published."""
 
 
-COUNT_KEYS = ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens", "rows_reused")
-
-
 def remove_deleted_shards(fs, out_dir: str, names: list[str]) -> list[dict]:
     """Delete the vector (and rejected) files of shards gone from the input; return their ids as
     deletion records."""
@@ -277,8 +279,7 @@ def run_gate(cfg: PipelineConfig) -> dict:
     config fingerprint, so a nightly run on an unchanged config scores from the cache."""
     from pipelines.evaluate import evaluate_cfg, task_score
 
-    gate_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"tasks": cfg.gate.tasks})})
-    result = evaluate_cfg(gate_cfg, os.path.expanduser("~/.cache/corpus-embed/gate"))
+    result = evaluate_cfg(gate_eval_config(cfg), os.path.expanduser("~/.cache/corpus-embed/gate"))
     scores = {t: task_score(result, t) for t in cfg.gate.tasks}
     failed = {t: s for t, s in scores.items() if t in cfg.gate.min_scores and s < cfg.gate.min_scores[t]}
     return {"scores": scores, "floors": dict(cfg.gate.min_scores), "passed": not failed, "failed": sorted(failed)}
@@ -418,8 +419,7 @@ def _record_run(cfg: PipelineConfig, fs, root: str, s: dict) -> None:
     s["report"] = report
     try:
         write_json(fs, posixpath.join(root, RUNS_DIR, f"{s['run_id']}.json"), report)
-        with fs.open(posixpath.join(root, RUNS_DIR, f"{s['run_id']}.md"), "w") as f:
-            f.write(report_markdown(report))
+        write_text_atomic(fs, posixpath.join(root, RUNS_DIR, f"{s['run_id']}.md"), report_markdown(report))
         append_run_log(fs, root, {k: report[k] for k in ("run_id", "status", "version", "published", "config_fingerprint", "counts", "durations")})
     except Exception as e:  # never hide the run's own outcome behind a logging failure
         logger.warning("could not write the run report under %s/%s: %s", root, RUNS_DIR, e)
