@@ -166,12 +166,15 @@ class RayConfig(_Strict):
     # reads, tokenization and writes are light and interleave)
     threads_per_actor: int | None = Field(None, ge=1)
     io_cpus: float = Field(0.25, gt=0)  # CPUs reserved per read/write task
-    # read tasks at once, and the size of the tokenize actor pool (each process imports transformers
-    # once). None: max(2, the cluster's CPUs / 4); one process tokenizes ~10,000 sentences/s.
+    # read tasks at once. None: max(2, the cluster's CPUs / 4).
     read_tasks: int | None = Field(None, ge=1)
-    # where tokenization runs: "actors", a pool of read_tasks CPU actors that keep the tokenizer
-    # loaded; "tasks", Ray tasks fused into the reads (each new worker process imports transformers)
+    # where tokenization runs: "actors", a pool of CPU actors that keep the tokenizer loaded;
+    # "tasks", Ray tasks fused into the reads (each new worker process imports transformers)
     tokenize_on: Literal["actors", "tasks"] = "actors"
+    # the tokenize actor pool's size. One process tokenizes ~10,000 sentences/s, ~60x what a CPU
+    # model embeds, and each one costs a transformers import at start. None: 1 on a cluster without
+    # GPUs, read_tasks on a GPU cluster.
+    tokenize_actors: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _bounds(self) -> "RayConfig":

@@ -16,14 +16,13 @@ import torch
 
 from operators.extraction import pool
 from operators.models import local_source
-from operators.postprocess import FITTED, PostProcessor, load_artifact, output_dimension
-from operators.tokenize import EmbedSpec, Encoded, TextEncoder, decode_tokens, embeddable, plan_batches
+from operators.postprocess import FITTED, PostProcessor, load_artifact
+from operators.tokenize import EmbedSpec, Encoded, TextEncoder, decode_tokens, embeddable
+from operators.vectors import ARROW_FLOATS, bucket, forward_batch_size, output_dimension, output_schema, vector_table
 
 __all__ = ["ARROW_FLOATS", "EmbedSpec", "Embedder", "output_schema", "pick_device"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ARROW_FLOATS = {"float32": pa.float32(), "float16": pa.float16()}
-PASSTHROUGH = ("id", "shard", "line", "reason", "raw", "eof")
 
 
 def pick_device(requested: str) -> torch.device:
@@ -32,25 +31,6 @@ def pick_device(requested: str) -> torch.device:
             raise RuntimeError("model.device=cuda but no CUDA device is visible to this actor")
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def output_schema(dimension: int, output_dtype: str = "float32") -> pa.Schema:
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("shard", pa.string()),
-            ("line", pa.int64()),
-            ("reason", pa.string()),
-            ("raw", pa.string()),
-            ("eof", pa.bool_()),
-            ("embedding", pa.list_(ARROW_FLOATS[output_dtype], dimension)),
-            ("n_tokens", pa.int32()),  # tokens fed to the model, special tokens included
-            ("truncated", pa.bool_()),  # longer than model.max_length and cut
-            ("padded_tokens", pa.int32()),  # n_tokens plus the padding its forward batch added
-            ("content_hash", pa.string()),  # of the text (incremental runs compare it with the last run's)
-            ("reuse", pa.bool_()),  # the last run's vector for this id and text is kept; embedding is null here
-        ]
-    )
 
 
 def load_projection(source: str, spec: dict, device: torch.device) -> torch.nn.Module:
@@ -90,12 +70,10 @@ class Embedder:
         self.encoder = TextEncoder(spec)
         self.tokenizer = self.encoder.tokenizer
         self.max_length = r.max_length
-        self.batch_size = spec.model.batch_size or (256 if self.device.type == "cuda" else 32)
-        self.dimension = output_dimension(list(spec.postprocess), r.dimension) if not spec.noop else r.dimension
+        self.batch_size = forward_batch_size(spec, self.device.type == "cuda")
+        self.dimension = output_dimension(list(spec.postprocess), r.dimension)
         self.schema = output_schema(self.dimension, spec.output_dtype)
-        self.model = self.post = self.pooler = self.projection = None
-        if spec.noop:  # the data path alone: tokenize, bucket, pass through, write
-            return
+        self.post = self.projection = None
         source = local_source(r)
         kwargs = dict(revision=r.revision, trust_remote_code=spec.model.trust_remote_code)
         if r.gguf_file:
@@ -171,14 +149,9 @@ class Embedder:
         for `n` texts, in input order. Windows go through the model in length-bucketed batches."""
         ex = self.spec.extraction
         lengths = enc.lengths
-        n_tokens = np.bincount(enc.owner, weights=lengths, minlength=n).astype(np.int32)
-        padded = np.zeros(len(lengths), dtype=np.int64)
+        batches, n_tokens, padded_tokens = bucket(enc, n, self.spec.model.max_batch_tokens, self.batch_size)
         out = np.zeros((n, self.dimension), dtype=np.float32)
-        batches = plan_batches(lengths, self.spec.model.max_batch_tokens, self.batch_size)
-        for idx in batches:
-            padded[idx] = lengths[idx].max()
-        padded_tokens = np.bincount(enc.owner, weights=padded, minlength=n).astype(np.int32)
-        if self.spec.noop or not len(lengths):
+        if not len(lengths):
             return out, n_tokens, enc.truncated.copy(), padded_tokens
         need_all_layers = set(ex.layers) != {-1}
         pooled = []
@@ -224,23 +197,5 @@ class Embedder:
         return (rows, *self.embed_encoded(enc, len(rows)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
         rows, vecs, ntok, cut, pad = self.embed_batch(batch)
-        ok = np.zeros(n, dtype=bool)
-        ok[rows] = True
-        full = np.zeros((n, self.dimension), dtype=np.float32)
-        full[rows] = vecs
-        columns = {}
-        for name, values, dtype in (("n_tokens", ntok, np.int32), ("truncated", cut, bool), ("padded_tokens", pad, np.int32)):
-            col = np.zeros(n, dtype=dtype)
-            col[rows] = values
-            columns[name] = col
-        value_type = ARROW_FLOATS[self.spec.output_dtype]
-        flat = pa.array(full.astype(value_type.to_pandas_dtype()).ravel(), type=value_type)
-        embedding = pa.FixedSizeListArray.from_arrays(flat, self.dimension, mask=pa.array(~ok))
-        out = [batch.column(name) for name in PASSTHROUGH]
-        out += [embedding, pa.array(columns["n_tokens"], pa.int32()), pa.array(columns["truncated"], pa.bool_()),
-                pa.array(columns["padded_tokens"], pa.int32())]
-        for name, typ, default in (("content_hash", pa.string(), None), ("reuse", pa.bool_(), False)):
-            out.append(batch.column(name) if name in batch.column_names else pa.array([default] * n, typ))
-        return pa.Table.from_arrays(out, schema=self.schema)
+        return vector_table(batch, rows, vecs, ntok, cut, pad, self.schema)

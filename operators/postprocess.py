@@ -92,13 +92,6 @@ class Fit:
         return w @ self.eigvecs[:, :k].T if method == "zca" else w
 
 
-def output_dimension(steps: list[dict], d: int) -> int:
-    for s in steps:
-        if s["op"] == "whiten" and s.get("method", "pca") == "pca" and s.get("k"):
-            d = int(s["k"])
-    return d
-
-
 class PostProcessor(torch.nn.Module):
     """Applies an ordered chain of steps on the device the vectors are on."""
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from operators import __version__
 from operators.config import PipelineConfig, fingerprint
 from operators.models import ResolvedModel
-from operators.postprocess import ArtifactError, Fit, load_artifact, output_dimension
+from operators.postprocess import ArtifactError, Fit, load_artifact
+from operators.vectors import output_dimension
 
 
 def extraction_identity(cfg: PipelineConfig, resolved: ResolvedModel) -> dict:

@@ -4,7 +4,7 @@ though transformers does once a tokenizer loads).
 `TextEncoder` (a callable class for a CPU actor pool; `tokenize_batch` wraps it for Ray tasks)
 formats each text (template, instruction, demonstrations) and tokenizes it into one or more
 windows of ids, carried to the model actors as list columns (TOKEN_COLUMNS). `plan_batches` is
-the model actors' length bucketing.
+the model actors' length bucketing (`vectors.bucket` applies it).
 """
 
 from __future__ import annotations
@@ -33,18 +33,17 @@ class EmbedSpec:
     postprocess: tuple[dict, ...] = ()  # PipelineConfig.postprocess_steps()
     artifact: str | None = None  # whitening artifact URI, when a step needs it
     artifact_storage: StorageConfig = field(default_factory=StorageConfig)
-    noop: bool = False  # skip the model (zero vectors): the data path's ceiling, for benchmarks
 
     @classmethod
     def from_config(
-        cls, cfg, resolved: ResolvedModel, num_threads: int | None = None, postprocess: bool = True, noop: bool = False,
+        cls, cfg, resolved: ResolvedModel, num_threads: int | None = None, postprocess: bool = True,
     ) -> "EmbedSpec":
         """The spec for `cfg`; postprocess=False gives raw extraction output (what a fit reads)."""
         steps = tuple(cfg.postprocess_steps()) if postprocess else ()
         return cls(
             model=cfg.model, extraction=cfg.extraction, resolved=resolved, output_dtype=cfg.output.dtype,
             num_threads=num_threads, postprocess=steps, artifact=cfg.whitening.artifact,
-            artifact_storage=cfg.whitening.storage, noop=noop,
+            artifact_storage=cfg.whitening.storage,
         )
 
 

@@ -148,8 +148,13 @@ def init_ray(cfg: PipelineConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # "local" always starts a fresh cluster, even if a `ray start` head runs on this machine
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+        # "local" always starts a fresh cluster, even if a `ray start` head runs on this machine.
+        # Idle worker processes are kept (Ray's default keeps one per CPU and kills the rest after
+        # 1 s idle): a run's actors take workers from the pool, and the read/write tasks after them
+        # would otherwise start fresh Python processes mid-run, ~1 s of CPU each.
+        cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                 _system_config={"num_workers_soft_limit": 2 * cpus + 4})
 
 
 def actor_resources(cfg: PipelineConfig, resolved: ResolvedModel) -> tuple[float, int | None]:
@@ -193,9 +198,10 @@ def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec, resolved: Resolved
     spec = make_spec(threads)
     n = min(read_tasks(cfg), inputs or read_tasks(cfg))
     if tokenize and cfg.ray.tokenize_on == "actors":
+        tokenizers = cfg.ray.tokenize_actors or (n if gpus else 1)
         ds = ds.map_batches(
             TextEncoder, fn_constructor_args=(spec,), batch_format="pyarrow", batch_size=None,
-            compute=ActorPoolStrategy(min_size=1, max_size=n), num_cpus=cfg.ray.io_cpus,
+            compute=ActorPoolStrategy(min_size=1, max_size=min(tokenizers, inputs or tokenizers)), num_cpus=cfg.ray.io_cpus,
         )
     elif tokenize:
         ds = ds.map_batches(
@@ -219,6 +225,7 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
     import ray
 
     from operators.embed import Embedder
+    from operators.vectors import NoopEmbedder
     from operators.ray_io import CommitCoordinator, ShardDatasource, ShardedParquetSink
 
     init_ray(cfg)
@@ -240,7 +247,7 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
         concurrency=min(read_tasks(cfg), len(plan.todo)),
     )
     ds = map_on_actor_pool(
-        ds, cfg, Embedder, lambda threads: EmbedSpec.from_config(cfg, plan.resolved, num_threads=threads, noop=noop), plan.resolved,
+        ds, cfg, NoopEmbedder if noop else Embedder, lambda threads: EmbedSpec.from_config(cfg, plan.resolved, num_threads=threads), plan.resolved,
         inputs=len(plan.todo),
     )
     error = None

@@ -8,6 +8,11 @@ Tolerances, max abs difference per element against each text embedded alone:
 
 from __future__ import annotations
 
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -16,16 +21,18 @@ from operators.config import ExtractionConfig, ModelConfig
 from operators.embed import Embedder, EmbedSpec
 from operators.models import resolve_model
 from operators.tokenize import TOKEN_COLUMNS, decode_tokens, plan_batches, tokenize_batch
+from operators.vectors import NoopEmbedder
 from tests.conftest import sample_sentences
 from tests.operators.test_embed import batch
 
+ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
-def spec_for(name, *, dtype="float32", batch_size=None, max_batch_tokens=16384, noop=False, model_kw=None, **ex):
+def spec_for(name, *, dtype="float32", batch_size=None, max_batch_tokens=16384, model_kw=None, **ex):
     model = ModelConfig(name=name, dtype=dtype, batch_size=batch_size, max_batch_tokens=max_batch_tokens, **(model_kw or {}))
     extraction = ExtractionConfig(**ex)
-    return EmbedSpec(model, extraction, resolve_model(model, extraction), noop=noop)
+    return EmbedSpec(model, extraction, resolve_model(model, extraction))
 
 
 def texts_of_mixed_length(n=120):
@@ -103,13 +110,36 @@ def test_exclusion_masks_survive_the_tokenize_stage(tiny_bert):
     assert n_excluded == [n_instr + 2] * 2  # the instruction, [CLS] and [SEP]
 
 
-def test_noop_model_passes_rows_through_without_loading_weights(minilm_path):
-    e = Embedder(spec_for(minilm_path, noop=True))
-    assert e.model is None
-    out = e(tokenize_batch(batch(["one text", "two texts here"], [None, "empty text"]), e.spec))
-    assert out.column("embedding").null_count == 1
-    assert out.column("n_tokens").to_pylist()[0] == 4 and out.column("padded_tokens").to_pylist()[0] == 4
-    assert out.column("embedding")[0].as_py() == [0.0] * 384
+def test_noop_model_matches_the_model_actor_but_for_the_vectors(minilm_path):
+    spec = spec_for(minilm_path, max_batch_tokens=64)
+    tokenized = tokenize_batch(batch(texts_of_mixed_length(40) + ["x"], [None] * 40 + ["empty text"]), spec)
+    noop, real = NoopEmbedder(spec)(tokenized), Embedder(spec)(tokenized)
+    assert noop.schema == real.schema
+    for name in ("id", "n_tokens", "truncated", "padded_tokens"):
+        assert noop.column(name).equals(real.column(name)), name
+    assert noop.column("embedding").null_count == 1
+    assert noop.column("embedding")[0].as_py() == [0.0] * 384
+    assert 0 < sum(noop.column("n_tokens").to_pylist()) < sum(noop.column("padded_tokens").to_pylist())
+
+
+def test_noop_model_imports_no_torch(minilm_path, tmp_path):
+    """The no-op run measures the data path: its actor (handed a pickled spec and tokenized
+    batches, as in the pipeline) must not pay for torch, transformers or a model."""
+    spec = spec_for(minilm_path)
+    t = tokenize_batch(batch(["one text", "two texts"]), spec)
+    (tmp_path / "spec.pkl").write_bytes(pickle.dumps(spec))
+    with pa.OSFile(str(tmp_path / "batch.arrow"), "wb") as f, pa.ipc.new_file(f, t.schema) as w:
+        w.write_table(t)
+    code = (
+        "import pickle, sys, pyarrow as pa; from operators.vectors import NoopEmbedder; "
+        f"spec = pickle.loads(open({str(tmp_path / 'spec.pkl')!r}, 'rb').read()); "
+        f"out = NoopEmbedder(spec)(pa.ipc.open_file({str(tmp_path / 'batch.arrow')!r}).read_all()); "
+        f"assert out.column('n_tokens').to_pylist() == {[len(ids) for ids in t.column('input_ids').to_pylist()]}, out; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.strip() == "[]"
 
 
 def test_decoder_left_padding_in_buckets_equals_alone(tiny_llama):

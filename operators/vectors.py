@@ -1,0 +1,109 @@
+"""The embed stage's output rows, torch-free: the output schema, assembling an output batch from
+a read/tokenized batch and its vectors, and the no-op model the benchmark's data-path ceiling runs.
+
+`NoopEmbedder` stands where the model actor would (same input, same output schema, same length
+bucketing and padding counts) but embeds nothing: it loads no weights and imports neither torch
+nor a model, so a no-op run measures what reading, tokenizing, Ray and writing cost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from operators.tokenize import EmbedSpec, Encoded, TextEncoder, decode_tokens, embeddable, plan_batches
+
+ARROW_FLOATS = {"float32": pa.float32(), "float16": pa.float16()}
+PASSTHROUGH = ("id", "shard", "line", "reason", "raw", "eof")
+
+
+def output_schema(dimension: int, output_dtype: str = "float32") -> pa.Schema:
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("shard", pa.string()),
+            ("line", pa.int64()),
+            ("reason", pa.string()),
+            ("raw", pa.string()),
+            ("eof", pa.bool_()),
+            ("embedding", pa.list_(ARROW_FLOATS[output_dtype], dimension)),
+            ("n_tokens", pa.int32()),  # tokens fed to the model, special tokens included
+            ("truncated", pa.bool_()),  # longer than model.max_length and cut
+            ("padded_tokens", pa.int32()),  # n_tokens plus the padding its forward batch added
+            ("content_hash", pa.string()),  # of the text (incremental runs compare it with the last run's)
+            ("reuse", pa.bool_()),  # the last run's vector for this id and text is kept; embedding is null here
+        ]
+    )
+
+
+def output_dimension(steps: list[dict], d: int) -> int:
+    """The vectors' dimension after the post-processing `steps` (PCA whitening to k keeps k)."""
+    for s in steps:
+        if s["op"] == "whiten" and s.get("method", "pca") == "pca" and s.get("k"):
+            d = int(s["k"])
+    return d
+
+
+def forward_batch_size(spec: EmbedSpec, cuda: bool) -> int:
+    """Texts per forward pass: model.batch_size, else 32 on CPU (small batches stay in cache), 256 on GPU."""
+    return spec.model.batch_size or (256 if cuda else 32)
+
+
+def bucket(enc: Encoded, n: int, max_tokens: int, max_rows: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """(forward batches of window indices, n_tokens [n], padded_tokens [n]) for `n` texts: the
+    windows' length bucketing, and per text its real tokens and the tokens its batches padded to."""
+    lengths = enc.lengths
+    batches = plan_batches(lengths, max_tokens, max_rows)
+    padded = np.zeros(len(lengths), dtype=np.int64)
+    for idx in batches:
+        padded[idx] = lengths[idx].max()
+    n_tokens = np.bincount(enc.owner, weights=lengths, minlength=n).astype(np.int32)
+    padded_tokens = np.bincount(enc.owner, weights=padded, minlength=n).astype(np.int32)
+    return batches, n_tokens, padded_tokens
+
+
+def vector_table(batch: pa.Table, rows: np.ndarray, vecs: np.ndarray, ntok: np.ndarray, cut: np.ndarray, pad: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """The output batch: every input row, in order, with the vectors and counts of `rows` (the
+    rows embedded) and a null embedding elsewhere (rejected, end-of-shard, reused rows)."""
+    n = batch.num_rows
+    dimension = schema.field("embedding").type.list_size
+    value_type = schema.field("embedding").type.value_type
+    ok = np.zeros(n, dtype=bool)
+    ok[rows] = True
+    full = np.zeros((n, dimension), dtype=value_type.to_pandas_dtype())
+    full[rows] = vecs
+    columns = {}
+    for name, values, dtype in (("n_tokens", ntok, np.int32), ("truncated", cut, bool), ("padded_tokens", pad, np.int32)):
+        col = np.zeros(n, dtype=dtype)
+        col[rows] = values
+        columns[name] = col
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(full.ravel(), type=value_type), dimension, mask=pa.array(~ok))
+    out = [batch.column(name) for name in PASSTHROUGH]
+    out += [embedding, pa.array(columns["n_tokens"], pa.int32()), pa.array(columns["truncated"], pa.bool_()),
+            pa.array(columns["padded_tokens"], pa.int32())]
+    for name, typ, default in (("content_hash", pa.string(), None), ("reuse", pa.bool_(), False)):
+        out.append(batch.column(name) if name in batch.column_names else pa.array([default] * n, typ))
+    return pa.Table.from_arrays(out, schema=schema)
+
+
+class NoopEmbedder:
+    """The model actor's stand-in for the data-path ceiling: zero vectors of the output dimension,
+    with the real token and padding counts."""
+
+    def __init__(self, spec: EmbedSpec):
+        self.spec = spec
+        self.batch_size = forward_batch_size(spec, spec.model.device == "cuda")
+        self.dimension = output_dimension(list(spec.postprocess), spec.resolved.dimension)
+        self.schema = output_schema(self.dimension, spec.output_dtype)
+        self._encoder: TextEncoder | None = None  # only for batches that arrive untokenized
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = np.flatnonzero(embeddable(batch))
+        if "input_ids" in batch.column_names:
+            enc = decode_tokens(batch, rows)
+        else:
+            self._encoder = self._encoder or TextEncoder(self.spec)
+            enc = self._encoder.encode(batch.column("text").take(pa.array(rows, type=pa.int64())).to_pylist())
+        _, ntok, pad = bucket(enc, len(rows), self.spec.model.max_batch_tokens, self.batch_size)
+        vecs = np.zeros((len(rows), self.dimension), dtype=np.float32)
+        return vector_table(batch, rows, vecs, ntok, enc.truncated, pad, self.schema)
