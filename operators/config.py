@@ -154,16 +154,21 @@ class ExtractionConfig(_Strict):
 class RayConfig(_Strict):
     address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local cluster
     num_cpus: int | None = Field(None, ge=1)  # local cluster only; None: all cores
-    min_actors: int = Field(1, ge=1)
-    max_actors: int | None = Field(None, ge=1)  # None: 1 on CPU; on a GPU cluster, its GPUs / gpus_per_actor
-    # CPUs reserved per embedding actor (a Ray scheduling unit, not the thread count). Keep below the
-    # node's cores so read, tokenize and write tasks still get scheduled (on 2 cores, 1).
-    cpus_per_actor: float = Field(1.0, gt=0)
+    # the embedding actor pool (see pipelines/embed_corpus.actor_plan). None: on CPU, a fixed pool of
+    # the cluster's CPUs / threads_per_actor actors; on a GPU cluster, 1 to GPUs / gpus_per_actor.
+    min_actors: int | None = Field(None, ge=1)
+    max_actors: int | None = Field(None, ge=1)
+    # CPUs Ray reserves per embedding actor (a scheduling unit, not the thread count). None: 1 on a
+    # GPU, half the actor's threads on CPU, so read, tokenize and write tasks still get scheduled.
+    cpus_per_actor: float | None = Field(None, gt=0)
     # None: on a GPU cluster 0.5 for models under 1B parameters (two actors share a GPU), else 1; 0 on CPU
     gpus_per_actor: float | None = Field(None, ge=0)
-    batch_size: int = Field(1024, ge=1)  # rows per actor call: the window sorted by length before batching
-    # torch threads per CPU actor; None: the node's CPUs / max_actors (the actors are the only heavy work,
-    # reads, tokenization and writes are light and interleave)
+    # rows per embedding actor call: the window sorted by length before batching. None: one read block
+    # per call (input.rows_per_block rows), so calls line up with shards and spread over the actors.
+    batch_size: int | None = Field(None, ge=1)
+    # torch threads per CPU actor. None: the node's CPUs / max_actors when max_actors is set, else
+    # max(1, node CPUs // 8): several single-threaded actors (at most 8 model copies per node) rather
+    # than one actor whose threads stall each other whenever another process takes a core.
     threads_per_actor: int | None = Field(None, ge=1)
     io_cpus: float = Field(0.25, gt=0)  # CPUs reserved per read/write task
     # read tasks at once. None: max(2, the cluster's CPUs / 4).
@@ -178,7 +183,7 @@ class RayConfig(_Strict):
 
     @model_validator(mode="after")
     def _bounds(self) -> "RayConfig":
-        if self.max_actors is not None and self.min_actors > self.max_actors:
+        if self.max_actors is not None and self.min_actors is not None and self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
         return self
 

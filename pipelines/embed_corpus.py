@@ -157,24 +157,45 @@ def init_ray(cfg: PipelineConfig) -> None:
                  _system_config={"num_workers_soft_limit": 2 * cpus + 4})
 
 
-def actor_resources(cfg: PipelineConfig, resolved: ResolvedModel) -> tuple[float, int | None]:
-    """(GPUs per actor, torch threads per actor or None on GPU). On a GPU cluster a model under
-    1B parameters gets half a GPU, so two actors overlap their host work on one device. On CPU the
-    threads are the node's CPUs shared among the actors (ray.threads_per_actor overrides): the
-    Ray CPU reservation only has to leave room for the light read/tokenize/write tasks."""
+@dataclass(frozen=True)
+class ActorPlan:
+    """The embedding actor pool: its bounds and each actor's resources."""
+
+    min_size: int
+    max_size: int
+    num_cpus: float  # Ray's reservation per actor
+    num_gpus: float
+    threads: int | None  # torch threads per CPU actor; None on GPU
+    # calls queued per actor. On CPU a call takes seconds: a second one queued behind it would wait
+    # while another actor idles. None on GPU: Ray's default keeps the device fed.
+    tasks_in_flight: int | None = None
+
+
+def actor_plan(cfg: PipelineConfig, resolved: ResolvedModel) -> ActorPlan:
+    """Size the embedding actor pool for the cluster (every `ray.*` setting left at None is chosen here).
+
+    GPU cluster: a model under 1B parameters gets half a GPU, so two actors overlap their host work
+    on one device; the pool grows from 1 to GPUs / gpus_per_actor as the autoscaler adds GPUs.
+    CPU: a fixed pool of single-threaded actors, one per core (at most 8 per node, then threads per
+    actor grow). Measured on 2 cores (BENCHMARKS.md), two 1-thread actors beat one 2-thread actor by
+    ~1.2x end to end: a 2-thread forward stalls whenever another process (a read, a write, Ray)
+    takes one of its cores, since the other thread waits at every barrier; single-threaded actors
+    just lose that slice. Ray reserves half a CPU per thread, so reads, tokenization and writes
+    still get scheduled, and the actors start with the run instead of joining it mid-way."""
     import ray
 
-    gpus = cfg.ray.gpus_per_actor
+    r = cfg.ray
+    gpus = r.gpus_per_actor
     if gpus is None:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         gpus = (0.5 if (resolved.parameters or 0) < 1e9 else 1) if has_gpu else 0
     if gpus:
-        return gpus, None
-    threads = cfg.ray.threads_per_actor
-    if threads is None:
-        node_cpus = max((n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")), default=1)
-        threads = max(1, int(node_cpus) // (cfg.ray.max_actors or 1))
-    return 0, threads
+        size = r.max_actors or max(1, int(ray.cluster_resources().get("GPU", 0) / gpus))
+        return ActorPlan(min(r.min_actors or 1, size), size, r.cpus_per_actor or 1.0, gpus, None)
+    nodes = [int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")] or [1]
+    threads = r.threads_per_actor or (max(1, max(nodes) // r.max_actors) if r.max_actors else max(1, max(nodes) // 8))
+    size = r.max_actors or sum(max(1, c // threads) for c in nodes)
+    return ActorPlan(min(r.min_actors or size, size), size, r.cpus_per_actor or threads / 2, 0, threads, tasks_in_flight=1)
 
 
 def read_tasks(cfg: PipelineConfig) -> int:
@@ -192,13 +213,11 @@ def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec, resolved: Resolved
 
     from operators.tokenize import TextEncoder, tokenize_batch
 
-    gpus, threads = actor_resources(cfg, resolved)
-    # pool size: as configured; else one CPU actor, or as many fractional actors as the GPUs hold
-    pool = cfg.ray.max_actors or (max(1, int(ray.cluster_resources().get("GPU", 0) / gpus)) if gpus else 1)
-    spec = make_spec(threads)
+    actors = actor_plan(cfg, resolved)
+    spec = make_spec(actors.threads)
     n = min(read_tasks(cfg), inputs or read_tasks(cfg))
     if tokenize and cfg.ray.tokenize_on == "actors":
-        tokenizers = cfg.ray.tokenize_actors or (n if gpus else 1)
+        tokenizers = cfg.ray.tokenize_actors or (n if actors.num_gpus else 1)
         ds = ds.map_batches(
             TextEncoder, fn_constructor_args=(spec,), batch_format="pyarrow", batch_size=None,
             compute=ActorPoolStrategy(min_size=1, max_size=min(tokenizers, inputs or tokenizers)), num_cpus=cfg.ray.io_cpus,
@@ -213,9 +232,9 @@ def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec, resolved: Resolved
         fn_constructor_args=(spec,),
         batch_format="pyarrow",
         batch_size=cfg.ray.batch_size,
-        compute=ActorPoolStrategy(min_size=min(cfg.ray.min_actors, pool), max_size=pool),
-        num_cpus=cfg.ray.cpus_per_actor,
-        num_gpus=gpus,
+        compute=ActorPoolStrategy(min_size=actors.min_size, max_size=actors.max_size, max_tasks_in_flight_per_actor=actors.tasks_in_flight),
+        num_cpus=actors.num_cpus,
+        num_gpus=actors.num_gpus,
     )
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipelines.benchmark import main
-from pipelines.embed_corpus import actor_resources
+from pipelines.embed_corpus import ActorPlan, actor_plan
 
 REPORT_KEYS = {
     "pipeline_rows_per_s", "baseline_rows_per_s", "noop_rows_per_s", "padding_efficiency", "peak_rss_bytes", "device",
@@ -44,12 +44,16 @@ def test_bad_arguments_exit_2(capsys):
     assert "must be positive" in capsys.readouterr().err
 
 
-def test_cpu_actor_threads_default_to_the_node_cpus(ray_local):
+def test_cpu_actor_pool_defaults_to_single_threaded_actors(ray_local):
     from operators.config import load_config
     from operators.models import resolve_model
 
     cfg = load_config(None, [])
     resolved = resolve_model(cfg.model, cfg.extraction)
-    assert actor_resources(cfg, resolved) == (0, 2)  # 2-CPU local cluster, one actor: both cores' worth of threads
-    assert actor_resources(load_config(None, ["ray.threads_per_actor=1"]), resolved) == (0, 1)
-    assert actor_resources(load_config(None, ["ray.max_actors=2"]), resolved) == (0, 1)
+    plan = lambda *sets: actor_plan(load_config(None, list(sets)), resolved)  # noqa: E731
+    # 2-CPU local cluster: a fixed pool of two 1-thread actors, half a CPU reserved each
+    assert plan() == ActorPlan(min_size=2, max_size=2, num_cpus=0.5, num_gpus=0, threads=1, tasks_in_flight=1)
+    assert plan("ray.max_actors=1") == ActorPlan(1, 1, 1.0, 0, 2, 1)  # one actor gets both cores' threads
+    assert plan("ray.threads_per_actor=2") == ActorPlan(1, 1, 1.0, 0, 2, 1)
+    assert plan("ray.min_actors=1", "ray.cpus_per_actor=0.25") == ActorPlan(1, 2, 0.25, 0, 1, 1)
+    assert plan("ray.gpus_per_actor=0.5", "ray.max_actors=4") == ActorPlan(1, 4, 1.0, 0.5, None)
