@@ -18,7 +18,7 @@ import posixpath
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (also under `ray job submit --working-dir .`)
@@ -198,22 +198,36 @@ def actor_plan(cfg: PipelineConfig, resolved: ResolvedModel) -> ActorPlan:
     return ActorPlan(min(r.min_actors or size, size), size, r.cpus_per_actor or threads / 2, 0, threads, tasks_in_flight=1)
 
 
+def estimated_blocks(shard: Shard, rows_per_block: int) -> int:
+    """An upper bound on the read blocks of a shard, from its size: rows of at least 32 bytes
+    uncompressed, or 4 compressed."""
+    per_row = 4 if shard.compression else 32
+    return max(1, -(-int(shard.fingerprint.get("size") or 0) // (rows_per_block * per_row)))
+
+
 def read_tasks(cfg: PipelineConfig) -> int:
     import ray
 
     return cfg.ray.read_tasks or max(2, int(ray.cluster_resources().get("CPU", 1)) // 4)
 
 
-def map_on_actor_pool(ds, cfg: PipelineConfig, fn, make_spec, resolved: ResolvedModel, tokenize: bool = True, inputs: int | None = None):
+def map_on_actor_pool(
+    ds, cfg: PipelineConfig, fn, make_spec, resolved: ResolvedModel, tokenize: bool = True, inputs: int | None = None,
+    blocks: int | None = None,
+):
     """Tokenize on CPU apart from the model (a small pool of CPU actors holding the tokenizer, or
     tasks fused into the reads: ray.tokenize_on), then `ds.map_batches(fn)` on the embedding actor
-    pool. `make_spec(num_threads)` builds the EmbedSpec passed to both."""
+    pool. `make_spec(num_threads)` builds the EmbedSpec passed to both. `inputs`: the input tasks
+    (shards); `blocks`: at most how many blocks reach the model, so a small job starts no actor
+    that would get no work."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from operators.tokenize import TextEncoder, tokenize_batch
 
     actors = actor_plan(cfg, resolved)
+    if blocks:
+        actors = replace(actors, min_size=min(actors.min_size, blocks), max_size=min(actors.max_size, blocks))
     spec = make_spec(actors.threads)
     n = min(read_tasks(cfg), inputs or read_tasks(cfg))
     if tokenize and cfg.ray.tokenize_on == "actors":
@@ -267,7 +281,7 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
     )
     ds = map_on_actor_pool(
         ds, cfg, NoopEmbedder if noop else Embedder, lambda threads: EmbedSpec.from_config(cfg, plan.resolved, num_threads=threads), plan.resolved,
-        inputs=len(plan.todo),
+        inputs=len(plan.todo), blocks=sum(estimated_blocks(s, cfg.input.rows_per_block) for s in plan.todo),
     )
     error = None
     try:

@@ -130,7 +130,7 @@ def embed_cached(cfg: PipelineConfig, resolved, spec_for, texts: list[str], cach
         )
         step = cfg.ray.batch_size or cfg.input.rows_per_block  # one block per actor call, no shuffle stage
         blocks = [rows.slice(i, step) for i in range(0, len(chunk), step)]
-        ds = map_on_actor_pool(ray.data.from_arrow(blocks), cfg, Embedder, spec_for, resolved, inputs=len(blocks))
+        ds = map_on_actor_pool(ray.data.from_arrow(blocks), cfg, Embedder, spec_for, resolved, inputs=len(blocks), blocks=len(blocks))
         keys, embs = [], []
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             keys += batch.column("id").to_pylist()

@@ -79,7 +79,7 @@ def fit(cfg: PipelineConfig) -> dict:
     ds = map_on_actor_pool(
         ds, cfg, BatchMoments,
         lambda threads: EmbedSpec.from_config(cfg, resolved, num_threads=threads, postprocess=False),  # raw extraction
-        resolved, inputs=n_blocks,
+        resolved, inputs=n_blocks, blocks=n_blocks,
     )
     d = resolved.dimension
     total = Moments.zeros(d)

@@ -45,7 +45,10 @@ if str(REPO) not in sys.path:
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    from operators.config import load_config
+    from pipelines.embed_corpus import init_ray
+
+    init_ray(load_config(None, ["ray.num_cpus=2"]))  # the pipeline's own local cluster, on 2 CPUs
     yield ray
     ray.shutdown()
 

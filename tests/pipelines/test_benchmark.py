@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipelines.benchmark import main
-from pipelines.embed_corpus import ActorPlan, actor_plan
+from pipelines.embed_corpus import ActorPlan, actor_plan, estimated_blocks
 
 REPORT_KEYS = {
     "pipeline_rows_per_s", "baseline_rows_per_s", "noop_rows_per_s", "padding_efficiency", "peak_rss_bytes", "device",
@@ -19,7 +19,9 @@ REPORT_KEYS = {
 
 def test_benchmark_report(ray_local, tmp_path, capsys):
     report = tmp_path / "bench.json"
-    rc = main(["--docs", "400", "--shard-docs", "80", "--memory-scale", "3", "--report", str(report), "--workdir", str(tmp_path / "w")])
+    # one embedding actor: this checks the report, not the pool (two actors double the start-up here)
+    rc = main(["--docs", "400", "--shard-docs", "80", "--memory-scale", "3", "--report", str(report), "--workdir", str(tmp_path / "w"),
+               "--set", "ray.max_actors=1"])
     assert rc == 0
     r = json.loads(report.read_text())
     assert REPORT_KEYS <= set(r)
@@ -57,3 +59,16 @@ def test_cpu_actor_pool_defaults_to_single_threaded_actors(ray_local):
     assert plan("ray.threads_per_actor=2") == ActorPlan(1, 1, 1.0, 0, 2, 1)
     assert plan("ray.min_actors=1", "ray.cpus_per_actor=0.25") == ActorPlan(1, 2, 0.25, 0, 1, 1)
     assert plan("ray.gpus_per_actor=0.5", "ray.max_actors=4") == ActorPlan(1, 4, 1.0, 0.5, None)
+
+
+def test_block_estimate_bounds_the_pool_for_small_jobs():
+    from operators.storage import Shard
+
+    def shard(size, compression=None):
+        return Shard(uri="x", rel="x", format="jsonl", compression=compression, fingerprint={"size": size})
+
+    assert estimated_blocks(shard(0), 1024) == 1
+    assert estimated_blocks(shard(5_000), 1024) == 1  # a test-sized shard: one actor is enough
+    assert estimated_blocks(shard(1024 * 32 * 3), 1024) == 3
+    assert estimated_blocks(shard(1024 * 32 * 3 + 1), 1024) == 4
+    assert estimated_blocks(shard(1024 * 4 * 3, "gzip"), 1024) == 3  # compressed: many more rows per byte
