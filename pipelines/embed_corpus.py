@@ -220,7 +220,6 @@ def map_on_actor_pool(
     pool. `make_spec(num_threads)` builds the EmbedSpec passed to both. `inputs`: the input tasks
     (shards); `blocks`: at most how many blocks reach the model, so a small job starts no actor
     that would get no work."""
-    import ray
     from ray.data import ActorPoolStrategy
 
     from operators.tokenize import TextEncoder, tokenize_batch
@@ -258,8 +257,8 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
     import ray
 
     from operators.embed import Embedder
-    from operators.vectors import NoopEmbedder
     from operators.ray_io import CommitCoordinator, ShardDatasource, ShardedParquetSink
+    from operators.vectors import NoopEmbedder
 
     init_ray(cfg)
     fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
