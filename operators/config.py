@@ -281,6 +281,11 @@ class PipelineConfig(_Strict):
             raise ValueError("whitening.k applies to method=pca; zca keeps every dimension")
         return self
 
+    @property
+    def rows_per_call(self) -> int:
+        """Rows per embedding actor call: ray.batch_size, else one read block (input.rows_per_block)."""
+        return self.ray.batch_size or self.input.rows_per_block
+
     def postprocess_steps(self) -> list[dict]:
         """The chain as dicts, whitening's settings folded into its step."""
         raw = self.postprocess if self.postprocess is not None else (("whiten",) if self.whitening.artifact else ())

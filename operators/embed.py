@@ -73,7 +73,7 @@ class Embedder:
         self.batch_size = forward_batch_size(spec, self.device.type == "cuda")
         self.dimension = output_dimension(list(spec.postprocess), r.dimension)
         self.schema = output_schema(self.dimension, spec.output_dtype)
-        self.post = self.projection = None
+        self.post = None
         source = local_source(r)
         kwargs = dict(revision=r.revision, trust_remote_code=spec.model.trust_remote_code)
         if r.gguf_file:

@@ -128,7 +128,7 @@ def embed_cached(cfg: PipelineConfig, resolved, spec_for, texts: list[str], cach
             },
             schema=READ_SCHEMA,
         )
-        step = cfg.ray.batch_size or cfg.input.rows_per_block  # one block per actor call, no shuffle stage
+        step = cfg.rows_per_call  # one block per actor call, no shuffle stage
         blocks = [rows.slice(i, step) for i in range(0, len(chunk), step)]
         ds = map_on_actor_pool(ray.data.from_arrow(blocks), cfg, Embedder, spec_for, resolved, inputs=len(blocks), blocks=len(blocks))
         keys, embs = [], []

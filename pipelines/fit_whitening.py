@@ -74,7 +74,7 @@ def fit(cfg: PipelineConfig) -> dict:
     logger.info("fitting on %d %s from %s", len(texts), w.split, w.corpus)
 
     init_ray(cfg)
-    n_blocks = max(1, len(texts) // (cfg.ray.batch_size or cfg.input.rows_per_block))
+    n_blocks = max(1, len(texts) // cfg.rows_per_call)
     ds = ray.data.from_items([{"text": t} for t in texts], override_num_blocks=n_blocks)
     ds = map_on_actor_pool(
         ds, cfg, BatchMoments,
