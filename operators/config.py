@@ -238,7 +238,7 @@ class LanceIndexConfig(_Strict):
     type: Literal["none", "ivf_pq", "ivf_flat", "ivf_hnsw_sq", "ivf_hnsw_pq"] = "none"
     metric: Literal["cosine", "l2", "dot"] = "cosine"
     num_partitions: int | None = Field(None, ge=1)  # None: LanceDB's default (sqrt of the rows)
-    num_sub_vectors: int | None = Field(None, ge=1)  # ivf_pq; must divide the dimension
+    num_sub_vectors: int | None = Field(None, ge=1)  # ivf_pq, ivf_hnsw_pq; must divide the dimension
     min_rows: int = Field(256, ge=1)  # build the index only from this many rows (IVF needs data to train)
 
 

@@ -24,6 +24,19 @@ class SinkError(RuntimeError):
     pass
 
 
+def index_config(idx):
+    """The LanceDB index config object for `sinks.lancedb.index` (the keyword form is deprecated)."""
+    from lancedb import index as li
+
+    kinds = {"ivf_pq": li.IvfPq, "ivf_flat": li.IvfFlat, "ivf_hnsw_sq": li.HnswSq, "ivf_hnsw_pq": li.HnswPq}
+    kwargs = {"distance_type": idx.metric}
+    if idx.num_partitions:
+        kwargs["num_partitions"] = idx.num_partitions
+    if idx.num_sub_vectors and idx.type.endswith("pq"):
+        kwargs["num_sub_vectors"] = idx.num_sub_vectors
+    return kinds[idx.type](**kwargs)
+
+
 def lance_schema(dimension: int) -> pa.Schema:
     return pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dimension)), ("shard", pa.string())])
 
@@ -99,12 +112,7 @@ def sync_lancedb(
     stats["rows"] = n
     idx = cfg.index
     if idx.type != "none" and n >= idx.min_rows:
-        kwargs = dict(metric=idx.metric, vector_column_name="vector", index_type=idx.type.upper(), replace=True)
-        if idx.num_partitions:
-            kwargs["num_partitions"] = idx.num_partitions
-        if idx.num_sub_vectors and idx.type.lower() == "ivf_pq":
-            kwargs["num_sub_vectors"] = idx.num_sub_vectors
-        table.create_index(**kwargs)
+        table.create_index("vector", config=index_config(idx), replace=True)
         table.create_scalar_index("id", replace=True)
         stats["index"] = idx.type
     stats["seconds"] = round(time.time() - started, 2)

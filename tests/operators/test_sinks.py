@@ -33,7 +33,20 @@ def write_shard(folder, name, ids, vecs):
     return name
 
 
-def test_ann_index_recall_at_10_against_exact_search(tmp_path):
+def recall_at_10(table, matrix, index_of, queries, nprobes):
+    recalls = []
+    for q in queries:
+        exact = set(np.argsort(-(matrix @ q))[:10])
+        hits = table.search(q).metric("cosine").nprobes(nprobes).refine_factor(50).limit(10).to_arrow()
+        recalls.append(len(exact & {index_of[i] for i in hits.column("id").to_pylist()}) / 10)
+    return float(np.mean(recalls))
+
+
+INDEX_TYPES = {"ivf_pq": "IvfPq", "ivf_flat": "IvfFlat", "ivf_hnsw_sq": "IvfHnswSq", "ivf_hnsw_pq": "IvfHnswPq"}
+
+
+@pytest.mark.parametrize("kind", list(INDEX_TYPES))
+def test_ann_index_recall_at_10_against_exact_search(tmp_path, kind):
     n = 4000
     vecs = clustered_vectors(n)
     ids = [f"d{i}" for i in range(n)]
@@ -42,23 +55,29 @@ def test_ann_index_recall_at_10_against_exact_search(tmp_path):
     names = [write_shard(out, f"part-{k}.parquet", ids[k::4], vecs[k::4]) for k in range(4)]
     cfg = LanceDBSinkConfig(
         uri=str(tmp_path / "db"), table="t",
-        index={"type": "ivf_pq", "metric": "cosine", "num_partitions": 16, "num_sub_vectors": 16, "min_rows": 1000},
+        index={"type": kind, "metric": "cosine", "num_partitions": 16, "num_sub_vectors": 16, "min_rows": 1000},
     )
     stats = sync_lancedb(cfg, fsspec.filesystem("file"), str(out), names, names, [], DIM, rebuild=True)
-    assert stats["rows"] == n and stats["index"] == "ivf_pq"
+    assert stats["rows"] == n and stats["index"] == kind
     table = lancedb.connect(cfg.uri).open_table("t")
-    assert table.list_indices()
+    (index,) = [i for i in table.list_indices() if i.columns == ["vector"]]
+    assert index.index_type == INDEX_TYPES[kind] and index.num_indexed_rows == n
+    assert index.index_details["metric_type"] == "COSINE"
+    if kind.endswith("pq"):
+        assert index.index_details["compression"]["num_sub_vectors"] == 16
     stored = table.to_arrow()
     index_of = {i: k for k, i in enumerate(stored.column("id").to_pylist())}
     matrix = np.stack(stored.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
     queries = clustered_vectors(50, seed=1)
-    recalls = []
-    for q in queries:
-        exact = set(np.argsort(-(matrix @ q))[:10])
-        hits = table.search(q).metric("cosine").nprobes(8).refine_factor(50).limit(10).to_arrow()
-        recalls.append(len(exact & {index_of[i] for i in hits.column("id").to_pylist()}) / 10)
-    print(f"recall@10 {np.mean(recalls):.3f}")
-    assert np.mean(recalls) >= 0.9, np.mean(recalls)
+    # the search goes through the IVF partitions of the index, not a flat scan
+    assert "ANNIvfPartition" in table.search(queries[0]).metric("cosine").nprobes(8).limit(10).explain_plan(True)
+    # every partition probed, candidates re-ranked exactly: the index must hold every vector under its id
+    assert recall_at_10(table, matrix, index_of, queries, nprobes=16) >= 0.99
+    # half the partitions: LanceDB trains IVF with random k-means (no seed exposed), so this varies by
+    # build: 0.89-0.99 for ivf_pq over 20+ builds; ids or partitions scrambled give far less
+    partial = recall_at_10(table, matrix, index_of, queries, nprobes=8)
+    print(f"{kind} recall@10 at 8 of 16 partitions {partial:.3f}")
+    assert partial >= 0.8, partial
 
 
 def test_upserts_leave_one_row_per_id_and_apply_deletions(tmp_path):
