@@ -1,14 +1,19 @@
-"""Tokenization, the CPU stage before the model actors (this module does not import torch itself,
-though transformers does once a tokenizer loads).
+"""Tokenization, the CPU stage before the model actors.
 
 `TextEncoder` (a callable class for a CPU actor pool; `tokenize_batch` wraps it for Ray tasks)
 formats each text (template, instruction, demonstrations) and tokenizes it into one or more
 windows of ids, carried to the model actors as list columns (TOKEN_COLUMNS). `plan_batches` is
 the model actors' length bucketing (`vectors.bucket` applies it).
+
+The driver loads the transformers tokenizer once and ships its Rust tokenizer to the tokenize
+stage as a `PortableTokenizer`: those workers run the `tokenizers` library alone and never import
+transformers or torch (~3 s of CPU and a few hundred MB less per worker). A tokenizer with no
+Rust backend (a Python-only one) is loaded with transformers in each worker, as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from dataclasses import dataclass, field
 
@@ -80,12 +85,82 @@ def load_tokenizer(spec: EmbedSpec):
     return tokenizer
 
 
-class TextEncoder:
-    """Formats (template, instruction, demonstrations) and tokenizes texts into windows of ids."""
+@dataclass(frozen=True)
+class PortableTokenizer:
+    """The Rust tokenizer behind a transformers tokenizer (its JSON), with the attributes of the
+    transformers tokenizer that change what it returns; `load()` rebuilds it with `tokenizers` alone."""
 
-    def __init__(self, spec: EmbedSpec, tokenizer=None):
+    json: str
+    mask_token: str | None
+    truncation_side: str
+    split_special_tokens: bool
+    digest: str
+
+    @classmethod
+    def from_transformers(cls, tokenizer) -> "PortableTokenizer | None":
+        backend = getattr(tokenizer, "_tokenizer", None)
+        if backend is None or not hasattr(backend, "to_str"):
+            return None  # a Python-only tokenizer: workers load it with transformers
+        text = backend.to_str()
+        return cls(
+            json=text, mask_token=tokenizer.mask_token, truncation_side=tokenizer.truncation_side,
+            split_special_tokens=bool(getattr(tokenizer, "split_special_tokens", False)),
+            digest=hashlib.sha256(text.encode()).hexdigest(),
+        )
+
+    def load(self) -> "RustTokenizer":
+        return RustTokenizer(self)
+
+
+class RustTokenizer:
+    """The part of a transformers tokenizer's `__call__` the tokenize stage uses (no padding, no
+    tensors), on the `tokenizers` library: the same Rust `encode_batch` call with the same
+    truncation, stride and special-token settings, so the ids, masks and offsets are the same."""
+
+    def __init__(self, state: PortableTokenizer):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_str(state.json)
+        self._tok.no_padding()
+        self._tok.encode_special_tokens = state.split_special_tokens
+        self._side = state.truncation_side
+        self.mask_token = state.mask_token
+
+    def __call__(
+        self, text, *, add_special_tokens: bool = True, truncation: bool = False, max_length: int | None = None,
+        stride: int = 0, return_overflowing_tokens: bool = False, return_special_tokens_mask: bool = False,
+        return_offsets_mapping: bool = False,
+    ) -> dict:
+        batched = isinstance(text, (list, tuple))
+        if truncation and max_length is not None:
+            self._tok.enable_truncation(max_length, stride=stride, strategy="longest_first", direction=self._side)
+        else:
+            self._tok.no_truncation()
+        encodings = self._tok.encode_batch(list(text) if batched else [text], add_special_tokens=add_special_tokens)
+        flat, owner = [], []
+        for i, e in enumerate(encodings):
+            for x in [e, *e.overflowing] if return_overflowing_tokens else [e]:
+                flat.append(x)
+                owner.append(i)
+        out = {"input_ids": [x.ids for x in flat]}
+        if return_special_tokens_mask:
+            out["special_tokens_mask"] = [x.special_tokens_mask for x in flat]
+        if return_offsets_mapping:
+            out["offset_mapping"] = [x.offsets for x in flat]
+        if return_overflowing_tokens:
+            out["overflow_to_sample_mapping"] = owner
+        elif not batched:
+            out = {k: v[0] for k, v in out.items()}
+        return out
+
+
+class TextEncoder:
+    """Formats (template, instruction, demonstrations) and tokenizes texts into windows of ids.
+    `portable`: the driver's tokenizer, rebuilt without transformers (see PortableTokenizer)."""
+
+    def __init__(self, spec: EmbedSpec, tokenizer=None, portable: PortableTokenizer | None = None):
         self.spec = spec
-        self.tokenizer = tokenizer or load_tokenizer(spec)
+        self.tokenizer = tokenizer or (portable.load() if portable else load_tokenizer(spec))
         self.max_length = spec.resolved.max_length
 
     def format(self, texts: list[str]) -> list[Formatted]:
@@ -192,13 +267,13 @@ class TextEncoder:
 _ENCODERS: dict[int, TextEncoder] = {}
 
 
-def tokenize_batch(batch: pa.Table, spec: EmbedSpec) -> pa.Table:
+def tokenize_batch(batch: pa.Table, spec: EmbedSpec, portable: PortableTokenizer | None = None) -> pa.Table:
     """`map_batches` function for the tokenize stage (Ray tasks): one TextEncoder per worker
-    process and spec, reused across the tasks that process runs."""
-    key = hash(pickle.dumps(spec))
+    process, spec and tokenizer, reused across the tasks that process runs."""
+    key = hash((pickle.dumps(spec), portable.digest if portable else None))
     if key not in _ENCODERS:
         _ENCODERS.clear()
-        _ENCODERS[key] = TextEncoder(spec)
+        _ENCODERS[key] = TextEncoder(spec, portable=portable)
     return _ENCODERS[key](batch)
 
 

@@ -222,22 +222,24 @@ def map_on_actor_pool(
     that would get no work."""
     from ray.data import ActorPoolStrategy
 
-    from operators.tokenize import TextEncoder, tokenize_batch
+    from operators.tokenize import PortableTokenizer, TextEncoder, load_tokenizer, tokenize_batch
 
     actors = actor_plan(cfg, resolved)
     if blocks:
         actors = replace(actors, min_size=min(actors.min_size, blocks), max_size=min(actors.max_size, blocks))
     spec = make_spec(actors.threads)
     n = min(read_tasks(cfg), inputs or read_tasks(cfg))
+    # the tokenize workers get the driver's tokenizer and need neither transformers nor torch
+    portable = PortableTokenizer.from_transformers(load_tokenizer(spec)) if tokenize else None
     if tokenize and cfg.ray.tokenize_on == "actors":
         tokenizers = cfg.ray.tokenize_actors or (n if actors.num_gpus else 1)
         ds = ds.map_batches(
-            TextEncoder, fn_constructor_args=(spec,), batch_format="pyarrow", batch_size=None,
+            TextEncoder, fn_constructor_args=(spec, None, portable), batch_format="pyarrow", batch_size=None,
             compute=ActorPoolStrategy(min_size=1, max_size=min(tokenizers, inputs or tokenizers)), num_cpus=cfg.ray.io_cpus,
         )
     elif tokenize:
         ds = ds.map_batches(
-            tokenize_batch, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None, num_cpus=cfg.ray.io_cpus,
+            tokenize_batch, fn_kwargs={"spec": spec, "portable": portable}, batch_format="pyarrow", batch_size=None, num_cpus=cfg.ray.io_cpus,
             concurrency=n,  # the same as the read's: they fuse
         )
     return ds.map_batches(

