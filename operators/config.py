@@ -174,11 +174,11 @@ class RayConfig(_Strict):
     # read tasks at once. None: max(2, the cluster's CPUs / 4).
     read_tasks: int | None = Field(None, ge=1)
     # where tokenization runs: "actors", a pool of CPU actors that keep the tokenizer loaded;
-    # "tasks", Ray tasks fused into the reads (each new worker process imports transformers)
+    # "tasks", Ray tasks fused into the reads. Either way the workers run the driver's tokenizer on
+    # the `tokenizers` library alone (no transformers or torch import).
     tokenize_on: Literal["actors", "tasks"] = "actors"
     # the tokenize actor pool's size. One process tokenizes ~10,000 sentences/s, ~60x what a CPU
-    # model embeds, and each one costs a transformers import at start. None: 1 on a cluster without
-    # GPUs, read_tasks on a GPU cluster.
+    # model embeds. None: 1 on a cluster without GPUs, read_tasks on a GPU cluster.
     tokenize_actors: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ of --shard-docs) and one model, it runs:
   memory    the pipeline on --docs / --memory-scale documents, for peak memory against corpus size.
 
 A no-op warm-up on 200 docs runs first: on a fresh cluster it starts the worker processes that
-read and tokenize (each imports transformers once), so every phase after it starts equal.
+read, tokenize and write, so every phase after it starts equal.
 Pipeline rates are end to end (the embedding actors' start and model load included); "steady"
 rates count the rows committed after the first shard over the time to the last commit.
 
@@ -208,8 +208,8 @@ def benchmark(cfg: PipelineConfig, docs: int, shard_docs: int, workdir: Path, ph
         "shard_docs": shard_docs, "cpus": os.cpu_count(),
     }
     init_ray(cfg)  # a running cluster is the normal case; its start-up is not part of any phase
-    # Warm-up: the first run on a fresh cluster starts the worker processes that read and tokenize
-    # (each imports transformers once). Reported on its own, then every phase starts equal.
+    # Warm-up: the first run on a fresh cluster starts the worker processes that read, tokenize
+    # and write. Reported on its own, then every phase starts equal.
     write_corpus(texts[: min(docs, 200)], workdir / "corpus-warmup", shard_docs)
     report["warmup"] = run_pipeline(cfg, workdir / "corpus-warmup", workdir / "out-warmup", noop=True)
     if "noop" in phases:
