@@ -253,6 +253,13 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
             "Python package, or a hub id with network access (pin model.revision)."
         ) from e
 
+    if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "_tokenizer", None) is None:
+        raise ConfigError(
+            f"model.name: {name} has a Python-only tokenizer ({type(tokenizer).__name__}); the tokenize stage "
+            "needs a fast (Rust `tokenizers`) one for its overflow windows and character offsets. Give a model "
+            "folder with a tokenizer.json (transformers converts SentencePiece tokenizers to one when "
+            "`sentencepiece` and `protobuf` are installed)"
+        )
     num_layers = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "num_layers", None)
     dimension = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "d_model", None)
     if num_layers is None or dimension is None:
@@ -282,8 +289,6 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
             f"extraction.pooling=mask_token: the tokenizer of {name} has no mask token, so a [MASK] template "
             "cannot work; use a masked-LM encoder (BERT, RoBERTa) or pooling: last_token with a PromptEOL template"
         )
-    if extraction.exclude_instruction and not getattr(tokenizer, "is_fast", False):
-        raise ConfigError("extraction.exclude_instruction needs a fast (Rust) tokenizer to map characters to tokens")
     if cfg.long_documents == "window" and (extraction.template or extraction.instruction or extraction.demonstrations):
         raise ConfigError(
             "model.long_documents=window splits the document itself into windows, which a prompt template or "

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from operators.config import ExtractionConfig, ModelConfig
+from operators.config import ConfigError, ExtractionConfig, ModelConfig
 from operators.embed import Embedder, EmbedSpec
 from operators.models import resolve_model
 from operators.tokenize import TOKEN_COLUMNS, PortableTokenizer, TextEncoder, decode_tokens, load_tokenizer, plan_batches, tokenize_batch
@@ -152,6 +152,22 @@ def test_portable_tokenizer_gives_the_transformers_columns(case, request):
             assert a["input_ids"] == b["input_ids"], text
             if "return_offsets_mapping" in kw:
                 assert [tuple(o) for o in a["offset_mapping"]] == [tuple(o) for o in b["offset_mapping"]]
+
+
+def test_python_only_tokenizer_is_refused_before_any_work(tmp_path):
+    """A tokenizer with no Rust backend (ByT5's byte tokenizer) cannot give overflow windows in a
+    batch or character offsets: the model is refused at resolve time, saying what to give instead."""
+    import torch
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    T5EncoderModel(cfg).save_pretrained(tmp_path)
+    ByT5Tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"Python-only tokenizer \(ByT5Tokenizer\).*tokenizer\.json"):
+        spec_for(str(tmp_path), pooling="encoder_mean")
+    with pytest.raises(ValueError, match="Python-only"):
+        PortableTokenizer.from_transformers(ByT5Tokenizer())
 
 
 def test_tokenize_stage_imports_no_transformers(minilm_path, tmp_path):
