@@ -37,6 +37,18 @@ def index_config(idx):
     return kinds[idx.type](**kwargs)
 
 
+def has_table(db, name: str) -> bool:
+    """Whether the database holds table `name` (list_tables pages through the names)."""
+    token = None
+    while True:
+        page = db.list_tables(page_token=token)
+        if name in page.tables:
+            return True
+        token = page.page_token
+        if not token:
+            return False
+
+
 def lance_schema(dimension: int) -> pa.Schema:
     return pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dimension)), ("shard", pa.string())])
 
@@ -82,7 +94,7 @@ def sync_lancedb(
     started = time.time()
     db = connect(cfg)
     schema = lance_schema(dimension)
-    exists = cfg.table in db.table_names()
+    exists = has_table(db, cfg.table)
     stats: dict = {"table": cfg.table}
     paths = lambda names: [posixpath.join(out_dir, n) for n in names]  # noqa: E731
     if rebuild or not exists:
@@ -113,7 +125,9 @@ def sync_lancedb(
     idx = cfg.index
     if idx.type != "none" and n >= idx.min_rows:
         table.create_index("vector", config=index_config(idx), replace=True)
-        table.create_scalar_index("id", replace=True)
+        from lancedb.index import BTree
+
+        table.create_index("id", config=BTree(), replace=True)
         stats["index"] = idx.type
     stats["seconds"] = round(time.time() - started, 2)
     return stats
