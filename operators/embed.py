@@ -17,7 +17,7 @@ import torch
 from operators.extraction import pool
 from operators.models import local_source
 from operators.postprocess import FITTED, PostProcessor, load_artifact
-from operators.tokenize import EmbedSpec, Encoded, TextEncoder, decode_tokens, embeddable
+from operators.tokenize import EmbedSpec, Encoded, TextEncoder, batch_encoding
 from operators.vectors import ARROW_FLOATS, bucket, forward_batch_size, output_dimension, output_schema, vector_table
 
 __all__ = ["ARROW_FLOATS", "EmbedSpec", "Embedder", "output_schema", "pick_device"]
@@ -189,11 +189,7 @@ class Embedder:
 
     def embed_batch(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(rows embedded, and embed_encoded's four arrays for them) for a read or tokenized batch."""
-        rows = np.flatnonzero(embeddable(batch))
-        if "input_ids" in batch.column_names:
-            enc = decode_tokens(batch, rows)
-        else:
-            enc = self.encoder.encode(batch.column("text").take(pa.array(rows, type=pa.int64())).to_pylist())
+        rows, enc = batch_encoding(batch, lambda: self.encoder)
         return (rows, *self.embed_encoded(enc, len(rows)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:

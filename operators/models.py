@@ -8,6 +8,7 @@ into the configuration fingerprint and every output shard. Actors then load exac
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
@@ -184,6 +185,19 @@ def copy_to_local_cache(uri: str, storage: StorageConfig) -> Path:
     return dest
 
 
+@functools.lru_cache(maxsize=8)
+def hf_tokenizer(source: str, revision: str | None, gguf_file: str | None, trust_remote_code: bool):
+    """The transformers tokenizer at `source`, loaded once per process: a GGUF file's tokenizer
+    takes seconds to build, and the driver needs it both to resolve the model and to ship it to
+    the tokenize stage. Shared: callers that change it take a copy (tokenize.load_tokenizer)."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
 def local_source(resolved: ResolvedModel) -> str:
     """Where this node loads the model from (copies object-storage models once per node)."""
     if resolved.uri is not None:
@@ -208,7 +222,7 @@ def _has_pooler_weights(folder: Path) -> bool | None:
 def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: StorageConfig | None = None) -> ResolvedModel:
     """Find the model, check `extraction` against it, and pin its identity. Raises
     ModelLoadError (cannot load) or ConfigError (loads, but the settings do not fit)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     storage = storage or StorageConfig()
     name, uri, revision = cfg.name, None, cfg.revision
@@ -243,7 +257,7 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
             folder = snapshot
         kwargs = dict(trust_remote_code=cfg.trust_remote_code, gguf_file=gguf_file)
         hf_config = AutoConfig.from_pretrained(str(folder), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        tokenizer = hf_tokenizer(str(folder), revision, gguf_file, cfg.trust_remote_code)
     except ModelLoadError:
         raise
     except Exception as e:

@@ -14,6 +14,7 @@ backend (Python-only ones such as ByT5's) are refused by `resolve_model` before 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import pickle
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.config import ExtractionConfig, ModelConfig, StorageConfig
-from operators.models import ResolvedModel, local_source
+from operators.models import ResolvedModel, hf_tokenizer, local_source
 from operators.prompts import Formatted, format_input
 
 
@@ -72,13 +73,10 @@ class Encoded:
 
 
 def load_tokenizer(spec: EmbedSpec):
-    from transformers import AutoTokenizer
-
+    """The model's tokenizer, set up for embedding (a pad token, the padding side): a copy of the
+    process's cached one (models.hf_tokenizer), so no caller sees another's changes."""
     r = spec.resolved
-    kwargs = dict(revision=r.revision, trust_remote_code=spec.model.trust_remote_code)
-    if r.gguf_file:
-        kwargs["gguf_file"] = r.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(local_source(r), **kwargs)
+    tokenizer = copy.deepcopy(hf_tokenizer(local_source(r), r.revision, r.gguf_file, spec.model.trust_remote_code))
     if tokenizer.pad_token is None:  # decoder LLMs often ship without one
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if spec.model.padding_side != "auto":
@@ -290,6 +288,16 @@ def embeddable(batch: pa.Table) -> np.ndarray:
     if "reuse" in batch.column_names:  # incremental runs: the earlier vector is kept
         ok &= ~pc.fill_null(batch.column("reuse"), False).to_numpy(zero_copy_only=False)
     return ok
+
+
+def batch_encoding(batch: pa.Table, encoder) -> tuple[np.ndarray, Encoded]:
+    """(the rows to embed, their Encoded form) for a model actor's batch: decoded from the tokenize
+    stage's columns when it carries them, else tokenized here (direct calls, tests) by `encoder()`,
+    a callable giving the TextEncoder, so an actor that never needs one never builds one."""
+    rows = np.flatnonzero(embeddable(batch))
+    if "input_ids" in batch.column_names:
+        return rows, decode_tokens(batch, rows)
+    return rows, encoder().encode(batch.column("text").take(pa.array(rows, type=pa.int64())).to_pylist())
 
 
 def decode_tokens(batch: pa.Table, rows: np.ndarray) -> Encoded:

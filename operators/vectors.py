@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from operators.tokenize import EmbedSpec, Encoded, TextEncoder, decode_tokens, embeddable, plan_batches
+from operators.tokenize import EmbedSpec, Encoded, TextEncoder, batch_encoding, plan_batches
 
 ARROW_FLOATS = {"float32": pa.float32(), "float16": pa.float16()}
 PASSTHROUGH = ("id", "shard", "line", "reason", "raw", "eof")
@@ -97,13 +97,12 @@ class NoopEmbedder:
         self.schema = output_schema(self.dimension, spec.output_dtype)
         self._encoder: TextEncoder | None = None  # only for batches that arrive untokenized
 
+    def _text_encoder(self) -> TextEncoder:
+        self._encoder = self._encoder or TextEncoder(self.spec)
+        return self._encoder
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = np.flatnonzero(embeddable(batch))
-        if "input_ids" in batch.column_names:
-            enc = decode_tokens(batch, rows)
-        else:
-            self._encoder = self._encoder or TextEncoder(self.spec)
-            enc = self._encoder.encode(batch.column("text").take(pa.array(rows, type=pa.int64())).to_pylist())
+        rows, enc = batch_encoding(batch, self._text_encoder)
         _, ntok, pad = bucket(enc, len(rows), self.spec.model.max_batch_tokens, self.batch_size)
         vecs = np.zeros((len(rows), self.dimension), dtype=np.float32)
         return vector_table(batch, rows, vecs, ntok, enc.truncated, pad, self.schema)

@@ -171,6 +171,25 @@ def test_python_only_tokenizer_is_refused_before_any_work(tmp_path):
         PortableTokenizer.from_transformers(ByT5Tokenizer())
 
 
+def test_tokenizer_loaded_once_per_process_and_copied_per_caller(tiny_llama):
+    """The driver loads a model's tokenizer once (a GGUF tokenizer takes seconds to build) for
+    resolve_model and the tokenize stage alike; each load_tokenizer caller gets its own copy, so one
+    spec's padding side does not leak into another's or into the cached tokenizer."""
+    from operators.models import hf_tokenizer
+
+    right = spec_for(tiny_llama, model_kw={"padding_side": "right"}, pooling="last_token")
+    left = spec_for(tiny_llama, model_kw={"padding_side": "left"}, pooling="last_token")
+    r = left.resolved
+    cached = hf_tokenizer(r.source, r.revision, r.gguf_file, False)
+    original = cached.padding_side
+    misses = hf_tokenizer.cache_info().misses
+    b = load_tokenizer(right)
+    a = load_tokenizer(left)
+    assert hf_tokenizer.cache_info().misses == misses  # no second load from disk
+    assert (a.padding_side, b.padding_side) == ("left", "right")
+    assert cached.padding_side == original == "right"
+
+
 def test_tokenize_stage_imports_no_transformers(minilm_path, tmp_path):
     """The tokenize workers get the driver's tokenizer and import neither transformers nor torch."""
     spec = spec_for(minilm_path)
