@@ -61,6 +61,10 @@ class InputConfig(_Strict):
     id_field: str = "id"  # rows without it get an id derived from shard path and line
     text_field: str = "text"
     rows_per_block: int = Field(1024, ge=1)  # rows per Ray block from the reader: memory vs overhead
+    # a row whose id came earlier in the same shard: "reject" it (counted, the reason names the
+    # first record), "keep" it (counted; the vector store then holds the id twice, as the Parquet
+    # does), or "fail" the shard (not committed; the message names both records)
+    duplicate_ids: Literal["reject", "keep", "fail"] = "reject"
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
 
@@ -70,6 +74,12 @@ class OutputConfig(_Strict):
     # true: each config fingerprint writes to <uri>/v-<fingerprint>/ and <uri>/CURRENT.json names the
     # published version, switched only when a run completes (and passes the gate)
     versioned: bool = False
+    # delete the vector shards of inputs this run does not list even when input.uri is not the root
+    # the output records (by default such a run, over a subset or another root, deletes nothing)
+    prune: bool = False
+    # seconds a run's lease on the output lasts without renewal (renewed every third of it): how soon
+    # a run may take over the output of a run that died on another host
+    lease_seconds: float = Field(120.0, gt=0)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
 
@@ -418,22 +428,31 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 # ---------------------------------------------------------------------------------------------
 # Logging and fingerprints
 
-# Keys whose last word names a secret: key, secret, token, password ... (not "exclude_special_tokens").
-_SECRET_KEY = re.compile(r"(^|[_.-])(secret|token|password|passwd|credentials?|session|key|private_key)$", re.I)
-_URI_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][\w+.-]*://)(?P<cred>[^/@\s]+)@")
+# Key names that hold secrets, compared lower-case with separators dropped, however an option
+# spells them (secret_access_key, SecretAccessKey, headers.Authorization, connection_string, sas_token,
+# aws_access_key_id, passphrase, apikey ...); "exclude_special_tokens" and "max_batch_tokens" are no secrets.
+_SECRET_ENDINGS = (
+    "secret", "token", "password", "passwd", "passphrase", "credential", "credentials", "session", "key",
+    "keyid", "sas", "auth", "authorization", "connectionstring", "signature", "cookie",
+)
+
+
+def is_secret_key(name: str) -> bool:
+    flat = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    return flat.endswith(_SECRET_ENDINGS)
 
 
 def redact(tree: Any) -> Any:
-    """A copy of a config tree with secret-looking values and URI credentials replaced."""
+    """A copy of a config tree (or any JSON-able tree) with the values of secret-named keys and
+    the credentials inside strings (URI userinfo, AccountKey=, signatures, bearer tokens) replaced."""
+    from operators.storage import redact_text
+
     if isinstance(tree, dict):
-        return {
-            k: ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
-            for k, v in tree.items()
-        }
+        return {k: ("***" if is_secret_key(k) and v not in (None, "") else redact(v)) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
         return [redact(v) for v in tree]
     if isinstance(tree, str):
-        return _URI_CREDENTIALS.sub(r"\g<scheme>***@", tree)
+        return redact_text(tree)
     return tree
 
 

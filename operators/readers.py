@@ -4,14 +4,25 @@ Every input record becomes exactly one row: either a document to embed (`reason`
 rejection with its reason and source location (`shard`, 1-based `line`; for Parquet the row
 number). After a shard's last record comes one end-of-shard row (`eof` true, `line` = number of
 records), so the writer can prove a shard complete before committing it.
+
+Errors are sorted by what a re-run can do about them:
+- undecodable data (a bad record, corrupt gzip/zstd/xz/bz2 data, a corrupt Parquet page) is a
+  counted rejection with its reason and line; the rows before it are kept and the shard commits;
+- anything else (throttling or a 5xx after the client's retries, a timeout, a dropped connection,
+  a missing or unreadable file, an unexpected error) fails the shard alone: its end-of-shard row
+  carries `reason` "shard failed: ...", the writer commits nothing for it, and a re-run retries it.
 """
 
 from __future__ import annotations
 
+import bz2  # noqa: F401  (its errors are OSErrors; see is_data_error)
+import gzip
 import io
 import json
+import lzma
 import os
 import re
+import zlib
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -32,6 +43,40 @@ READ_SCHEMA = pa.schema(
     ]
 )
 RAW_PREVIEW_CHARS = 300
+SHARD_FAILED = "shard failed"  # the reason an eof row carries when the shard could not be read
+_BOM = b"\xef\xbb\xbf"
+
+
+def _zstd_error() -> type:
+    try:
+        import zstandard
+
+        return zstandard.ZstdError
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        return zlib.error
+
+
+DATA_ERRORS = (zlib.error, gzip.BadGzipFile, EOFError, lzma.LZMAError, _zstd_error(), pa.ArrowException, UnicodeError)
+
+
+def is_data_error(e: BaseException) -> bool:
+    """True when `e` says the bytes themselves cannot be decoded (a re-run reads the same bytes and
+    fails the same way); False for I/O failures, which a re-run may get past."""
+    if isinstance(e, DATA_ERRORS):
+        return True
+    if isinstance(e, OSError):  # bz2 reports corrupt data as a bare OSError without an errno
+        return type(e) is OSError and e.errno is None and "Invalid data stream" in str(e)
+    return isinstance(e, ValueError)
+
+
+def describe_failure(shard: Shard, record: int, e: BaseException) -> str:
+    """The eof reason of a shard that failed: where, what, and what a re-run does."""
+    from operators.storage import redact_text
+
+    hint = "check the credentials and permissions, then re-run" if isinstance(e, PermissionError) else (
+        "re-run to retry it" if not isinstance(e, FileNotFoundError) else "it vanished while the run read it; a re-run re-lists the input"
+    )
+    return redact_text(f"{SHARD_FAILED} after record {record}: {type(e).__name__}: {e}; not committed, {hint}")
 
 
 class _BlockBuilder:
@@ -40,12 +85,13 @@ class _BlockBuilder:
         self.rows_per_block = rows_per_block
         self.cols: dict[str, list] = {name: [] for name in READ_SCHEMA.names}
         self.n = 0  # records seen so far
+        self.shard_name = shard.public_uri
 
     def _append(self, id_, text, line, reason, raw, eof=False):
         c = self.cols
         c["id"].append(id_)
         c["text"].append(text)
-        c["shard"].append(self.shard.uri)
+        c["shard"].append(self.shard_name)
         c["line"].append(line)
         c["reason"].append(reason)
         c["raw"].append(raw)
@@ -69,13 +115,39 @@ class _BlockBuilder:
         return len(self.cols["id"]) >= self.rows_per_block
 
     def flush(self) -> pa.Table:
-        table = pa.table(self.cols, schema=READ_SCHEMA)
-        self.cols = {name: [] for name in READ_SCHEMA.names}
-        return table
+        cols, self.cols = self.cols, {name: [] for name in READ_SCHEMA.names}
+        try:
+            return pa.table(cols, schema=READ_SCHEMA)
+        except UnicodeEncodeError:  # a lone surrogate (valid JSON: "\ud83d") in an id or a text
+            return pa.table(_reject_unencodable(cols, self.derived_id), schema=READ_SCHEMA)
 
-    def finish(self) -> pa.Table:
-        self._append("", None, self.n, None, None, eof=True)
+    def finish(self, failure: str | None = None) -> pa.Table:
+        self._append("", None, self.n, failure, None, eof=True)
         return self.flush()
+
+
+def _encodable(value) -> bool:
+    if value is None:
+        return True
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _reject_unencodable(cols: dict[str, list], derived_id) -> dict[str, list]:
+    """Turn the rows whose id or text holds a lone surrogate into rejections (the slow path, only
+    for blocks that hold one)."""
+    for i in range(len(cols["id"])):
+        bad_id, bad_text = not _encodable(cols["id"][i]), not _encodable(cols["text"][i])
+        if bad_id or bad_text:
+            cols["id"][i] = derived_id(cols["line"][i]) if bad_id else cols["id"][i]
+            cols["text"][i] = None
+            cols["reason"][i] = f"not valid Unicode: a lone surrogate in the {'id' if bad_id else 'text'}"
+        if not _encodable(cols["raw"][i]):
+            cols["raw"][i] = cols["raw"][i].encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return cols
 
 
 def check_text(value) -> str | None:
@@ -94,6 +166,8 @@ def _read_lines(b: _BlockBuilder, f, cfg: InputConfig, parse_json: bool) -> Iter
         b.n += 1
         line = b.n
         raw = raw.rstrip(b"\r\n")
+        if line == 1 and raw.startswith(_BOM):  # a UTF-8 byte order mark is no part of the first record
+            raw = raw[len(_BOM):]
         try:
             decoded = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -112,6 +186,8 @@ def _read_lines(b: _BlockBuilder, f, cfg: InputConfig, parse_json: bool) -> Iter
                     record = json.loads(decoded)
                 except ValueError as e:
                     b.reject(line, f"malformed JSON: {e}", decoded)
+                except RecursionError:
+                    b.reject(line, "malformed JSON: nested too deeply to parse", decoded)
                 else:
                     if not isinstance(record, dict):
                         b.reject(line, f"not a JSON object ({type(record).__name__})", decoded)
@@ -155,13 +231,16 @@ def _read_parquet(b: _BlockBuilder, f, cfg: InputConfig) -> Iterator[pa.Table]:
 def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
     """Yield READ_SCHEMA blocks of at most `cfg.rows_per_block` rows, ending with the eof row.
 
-    A shard that breaks mid-way (a truncated gzip stream, a corrupt Parquet page) does not fail
-    the run: the rows read so far are kept and one rejected row records the error and where it
-    happened, so the shard's counts still reconcile and the summary flags it.
+    A shard whose data breaks mid-way (a truncated gzip stream, a corrupt Parquet page) does not
+    fail: the rows read so far are kept and one rejected row records the error and where it
+    happened, so the shard's counts still reconcile and the summary flags it. Any other error ends
+    the shard with a failed eof row (see the module docstring); this generator itself never raises,
+    so one shard never fails the run.
     """
-    fs, path = get_fs(shard.uri, cfg.storage)
     b = _BlockBuilder(shard, cfg.rows_per_block)
+    failure = None
     try:
+        fs, path = get_fs(shard.uri, cfg.storage)
         if shard.format == "parquet":
             with fs.open(path, "rb", compression=shard.compression) as f:
                 yield from _read_parquet(b, f, cfg)
@@ -170,10 +249,13 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
                 if shard.compression == "zstd":  # zstandard's reader has no readline
                     f = io.BufferedReader(f, buffer_size=1 << 20)
                 yield from _read_lines(b, f, cfg, parse_json=shard.format == "jsonl")
-    except (OSError, EOFError, pa.ArrowException, ValueError) as e:
-        b.n += 1
-        b.reject(b.n, f"shard read error after record {b.n - 1}: {type(e).__name__}: {e}", None)
-    yield b.finish()
+    except Exception as e:
+        if is_data_error(e):
+            b.n += 1
+            b.reject(b.n, f"shard read error after record {b.n - 1}: {type(e).__name__}: {e}", None)
+        else:
+            failure = describe_failure(shard, b.n, e)
+    yield b.finish(failure)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 LanceDB (`sinks.lancedb`): one table of (id, vector, shard), kept equal to the published output.
 A run that published a new version (or finds no table) rebuilds the table from every shard of
-that version; a nightly run on the same version deletes the ids recorded as deletions, then
-upserts (merge_insert on id) the rows of the shards it committed, so the table holds exactly one
-row per id. An ANN index (IVF_PQ, IVF_FLAT, IVF_HNSW_SQ, ...) is (re)built when configured and the
+that version; a nightly run on the same version replaces the rows of each shard it committed
+(delete where shard = name, then add the shard's rows) and removes the rows of deleted shards,
+so the table holds exactly the rows of the Parquet output, shard by shard: one row per id when
+ids are unique, and an id that two shards both hold (or one, under input.duplicate_ids=keep)
+as often as the Parquet holds it, each row with its own shard's vector. An ANN index (IVF_PQ, IVF_FLAT, IVF_HNSW_SQ, ...) is (re)built when configured and the
 table has at least `index.min_rows` rows, plus a scalar index on id for the merges.
 """
 
@@ -86,7 +88,7 @@ def sync_lancedb(
     out_dir: str,
     all_shards: list[str],
     committed: list[str],
-    deleted_ids: list[str],
+    removed: list[str],
     dimension: int,
     rebuild: bool,
 ) -> dict:
@@ -108,18 +110,17 @@ def sync_lancedb(
                 f"sinks.lancedb: table {cfg.table} holds {table.schema.field('vector').type} vectors, this run "
                 f"{schema.field('vector').type}; a model change needs output.versioned (which rebuilds) or a new table"
             )
-        deleted = 0
-        for start in range(0, len(deleted_ids), 1000):
-            chunk = deleted_ids[start : start + 1000]
-            table.delete(f"id IN ({_quote(chunk)})")
-            deleted += len(chunk)
+        before = table.count_rows()
+        for start in range(0, len(removed), 500):
+            table.delete(f"shard IN ({_quote(removed[start : start + 500])})")
         upserted = 0
-        for p in paths(committed):
+        for name, p in zip(committed, paths(committed)):
             rows = shard_rows(fs, p, dimension)
+            table.delete(f"shard = {_quote([name])}")
             if rows.num_rows:
-                table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+                table.add(rows)
                 upserted += rows.num_rows
-        stats.update(mode="incremental", deleted=deleted, upserted=upserted)
+        stats.update(mode="incremental", deleted=before + upserted - table.count_rows(), upserted=upserted)
     n = table.count_rows()
     stats["rows"] = n
     idx = cfg.index
@@ -128,6 +129,7 @@ def sync_lancedb(
         from lancedb.index import BTree
 
         table.create_index("id", config=BTree(), replace=True)
+        table.create_index("shard", config=BTree(), replace=True)
         stats["index"] = idx.type
     stats["seconds"] = round(time.time() - started, 2)
     return stats

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,46 @@ _GLOB_CHARS = set("*?[")
 
 class InputError(RuntimeError):
     """The input cannot be read: missing path, empty input, unreachable bucket."""
+
+
+class UnsafePathError(ValueError):
+    """A name from a remote listing would land outside its destination folder."""
+
+
+def confined_path(root, rel: str):
+    """`root / rel` for a relative name taken from a listing (an object key, a file name), refused
+    when it is absolute or climbs out of `root` ('..', a drive, a NUL byte): a bucket's keys never
+    choose where a file lands on this machine."""
+    from pathlib import Path, PurePosixPath
+
+    root = Path(root)
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    if not rel or "\x00" in rel or PurePosixPath(rel).is_absolute() or any(p in ("..", "") for p in parts) or ":" in parts[0]:
+        raise UnsafePathError(f"refusing {rel!r}: not a plain relative path under {root}")
+    target = root.joinpath(*parts)
+    base = root.resolve()
+    resolved = target.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise UnsafePathError(f"refusing {rel!r}: it resolves to {resolved}, outside {base}")
+    return target
+
+
+# userinfo in a URI (scheme://user:secret@host) and secrets spelt as query or connection-string fields
+_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?P<cred>[^/@\s?#]+)@")
+_SECRET_FIELDS = re.compile(
+    r"(?P<k>\b(?:AccountKey|SharedAccessKey|SharedAccessSignature|password|pwd|sig|se?cret|token|access_token|"
+    r"X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|api[_-]?key)=)(?P<v>[^;&\s'\"]+)",
+    re.I,
+)
+_BEARER = re.compile(r"(?P<k>\b(?:Bearer|Basic)\s+)(?P<v>[A-Za-z0-9._~+/=-]{8,})")
+
+
+def redact_text(text: str) -> str:
+    """`text` with URI credentials, connection-string keys, signatures and bearer tokens replaced
+    by ***: for anything that reaches a log line, an error message or an output file."""
+    text = _URI_USERINFO.sub(r"\g<scheme>***@", text)
+    text = _SECRET_FIELDS.sub(r"\g<k>***", text)
+    return _BEARER.sub(r"\g<k>***", text)
 
 
 def protocol_of(uri: str) -> str:
@@ -80,12 +121,27 @@ class Shard:
     fingerprint: dict  # size plus etag (object stores) or mtime (files)
 
     @property
+    def public_uri(self) -> str:
+        """The URI as outputs, logs and errors show it: credentials replaced by ***."""
+        return redact_text(self.uri)
+
+    @property
     def output_name(self) -> str:
         """Deterministic, flat and collision-free: the relative path with '/' -> '__', plus a
-        short hash of the relative path so 'a/b.jsonl' and 'a__b.jsonl' cannot collide."""
+        short hash of the relative path so 'a/b.jsonl' and 'a__b.jsonl' cannot collide. The
+        readable part is cut to OUTPUT_NAME_BYTES (UTF-8) so the name stays within every
+        filesystem's 255-byte limit; the hash, of the whole path, keeps cut names apart."""
         flat = self.rel.replace("/", "__")
-        digest = hashlib.sha256(self.rel.encode()).hexdigest()[:8]
+        encoded = flat.encode("utf-8", "surrogateescape")
+        if len(encoded) > OUTPUT_NAME_BYTES:
+            flat = encoded[:OUTPUT_NAME_BYTES].decode("utf-8", "ignore")
+        digest = hashlib.sha256(self.rel.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         return f"{flat}-{digest}.parquet"
+
+
+# The readable part of an output name: with '-<hash>.parquet' and the staging prefixes it stays
+# under the 255 bytes a file name may have on ext4, xfs, APFS and NTFS.
+OUTPUT_NAME_BYTES = 160
 
 
 def file_fingerprint(info: dict) -> dict:
@@ -98,6 +154,32 @@ def file_fingerprint(info: dict) -> dict:
         if mtime is not None:
             fp["mtime"] = mtime.isoformat() if hasattr(mtime, "isoformat") else float(mtime)
     return fp
+
+
+def _local_find(root: str) -> dict[str, dict]:
+    """Every file under a local folder, following symlinked folders (fsspec's find does not) and
+    visiting each real folder once, so a link loop ends."""
+    out: dict[str, dict] = {}
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        for name in files:
+            p = os.path.join(folder, name)
+            out[p] = {"name": p, "type": "file"}
+    return out
+
+
+def _local_info(path: str, info: dict) -> dict:
+    try:
+        st = os.stat(path)  # follows symlinks
+    except OSError as e:
+        raise InputError(f"input: cannot read {path} ({type(e).__name__}: {e}); a dangling symlink? Fix or remove it") from e
+    return dict(info, size=st.st_size, mtime=st.st_mtime, type="file")
 
 
 def _describe_storage_error(uri: str, err: Exception) -> str:
@@ -126,7 +208,7 @@ def list_shards(uri: str, fmt: str, storage: StorageConfig) -> list[Shard]:
             infos = {p: i for p, i in infos.items() if i.get("type") != "directory"}
         elif fs.isdir(path):
             root = path.rstrip("/")
-            infos = fs.find(path, detail=True)
+            infos = _local_find(path) if is_local(fs) else fs.find(path, detail=True)
         elif fs.isfile(path):
             root = posixpath.dirname(path.rstrip("/"))
             infos = {path: fs.info(path)}
@@ -147,6 +229,8 @@ def list_shards(uri: str, fmt: str, storage: StorageConfig) -> list[Shard]:
     except Exception as e:  # unreachable bucket, bad credentials, DNS, ...
         raise InputError(_describe_storage_error(uri, e)) from e
 
+    if is_local(fs):  # a symlinked shard is fingerprinted by its target: an edit through it is seen
+        infos = {p: _local_info(p, i) for p, i in infos.items()}
     shards = []
     named_directly = len(infos) == 1 and not any(c in path for c in _GLOB_CHARS) and not fs.isdir(path)
     for p in sorted(infos):

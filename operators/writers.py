@@ -25,8 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators import __version__
+from operators.config import redact
 from operators.incremental import fill_reused, read_previous
-from operators.storage import commit_file, write_text_atomic
+from operators.storage import commit_file, file_fingerprint, write_text_atomic
 
 METADATA_KEY = b"corpus_embed"
 MANIFEST = "manifest.json"
@@ -41,6 +42,10 @@ class IncompleteShardError(RuntimeError):
     """A shard's parts do not cover its records exactly: something was lost or duplicated."""
 
 
+class DuplicateIdError(IncompleteShardError):
+    """input.duplicate_ids=fail and a shard holds an id twice."""
+
+
 @dataclass
 class Part:
     path: str
@@ -48,6 +53,7 @@ class Part:
     last_line: int
     rows: int  # record rows, eof excluded
     eof_total: int | None  # the shard's record count, when this part holds the eof row
+    failure: str | None = None  # the eof row's reason when the reader could not finish the shard
 
 
 @dataclass
@@ -65,8 +71,10 @@ class ShardStats:
     padded_tokens: int = 0  # tokens + the padding of their forward batches
     incremental: bool = False  # the shard changed since a run with this config: reuse unchanged documents
     rows_reused: int = 0  # vectors kept from the previous vector file (same id, same text)
+    rows_duplicate: int = 0  # rows whose id came earlier in the shard (kept or rejected: input.duplicate_ids)
     deleted_ids: list = field(default_factory=list)  # ids in the previous vector file and no longer here
     read_errors: int = 0
+    output_fingerprint: dict = field(default_factory=dict)  # size + etag/mtime of the committed vector file
     committed_at: float = field(default_factory=time.time)
 
     def to_json(self) -> dict:
@@ -74,7 +82,7 @@ class ShardStats:
 
 
 # The per-shard counts a commit records (Parquet footer, manifest) and a run sums.
-COUNT_KEYS = ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens", "rows_reused")
+COUNT_KEYS = ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens", "rows_reused", "rows_duplicate")
 
 
 def vector_schema(dimension: int, value_type: pa.DataType) -> pa.Schema:
@@ -86,7 +94,9 @@ def stage_part(fs, staging_dir: str, shard_key: str, table: pa.Table) -> Part:
     table = table.sort_by("line")
     eof = table.column("eof").to_numpy(zero_copy_only=False)
     records = table.filter(pa.array(~eof))
-    eof_total = int(table.column("line")[int(eof.nonzero()[0][0])].as_py()) if eof.any() else None
+    eof_at = int(eof.nonzero()[0][0]) if eof.any() else None
+    eof_total = None if eof_at is None else int(table.column("line")[eof_at].as_py())
+    failure = None if eof_at is None else table.column("reason")[eof_at].as_py()
     path = posixpath.join(staging_dir, "parts", shard_key, f"{uuid.uuid4().hex}.parquet")
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as f:
@@ -98,6 +108,7 @@ def stage_part(fs, staging_dir: str, shard_key: str, table: pa.Table) -> Part:
         last_line=int(lines[-1].as_py()) if len(lines) else 0,
         rows=records.num_rows,
         eof_total=eof_total,
+        failure=failure,
     )
 
 
@@ -129,14 +140,20 @@ def commit_shard(
     dimension: int,
     value_type: pa.DataType,
     provenance: dict,
+    duplicate_ids: str = "reject",
 ) -> ShardStats:
     """Merge the parts of a complete shard into its vector shard and rejected file, commit both
-    atomically, delete the parts, and return the shard's counts."""
+    atomically, delete the parts, and return the shard's counts.
+
+    duplicate_ids: what to do with a row whose id came earlier in the shard: "keep" it (counted),
+    "reject" it (counted, reason names the first line), or "fail" the shard."""
     totals = [p.eof_total for p in parts if p.eof_total is not None]
     if len(set(totals)) != 1:
         raise IncompleteShardError(f"{stats.input}: no end-of-shard marker among {len(parts)} staged parts")
     expected = totals[0]
-    tmp = posixpath.join(staging_dir, "commit", f"{uuid.uuid4().hex}-{stats.output}")
+    first_line: dict[str, int] = {}  # id -> first line: the shard's ids, the one per-shard set a commit holds
+    duplicates = 0
+    tmp = posixpath.join(staging_dir, "commit", f"{uuid.uuid4().hex}.parquet")
     fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
     rejected: list[pa.Table] = []
     next_line = 1
@@ -158,6 +175,8 @@ def commit_shard(
                 missing = int(want[np.argmax(lines != want)])
                 raise IncompleteShardError(f"{stats.input}: record {missing} never reached the writer")
             next_line += len(lines)
+            table, n_dup = _mark_duplicate_ids(table, first_line, duplicate_ids, stats.input)
+            duplicates += n_dup
             bad = pc.is_valid(table.column("reason"))
             ok = table.filter(pc.invert(bad))
             rejected.append(table.filter(bad).select(REJECTED_SCHEMA.names))
@@ -184,14 +203,15 @@ def commit_shard(
         stats.tokens = tokens
         stats.padded_tokens = padded
         stats.rows_reused = reused
+        stats.rows_duplicate = duplicates
         if previous is not None:
             now = set(ids_now)
             stats.deleted_ids = [i for i in previous.column("id").to_pylist() if i not in now]
         stats.read_errors = int(pc.sum(pc.starts_with(rejects.column("reason"), "shard read error")).as_py() or 0)
         stats.committed_at = time.time()
-        meta = dict(provenance, input={"uri": stats.input, "fingerprint": stats.input_fingerprint})
+        meta = dict(provenance, input={"uri": stats.input, "rel": stats.rel, "fingerprint": stats.input_fingerprint})
         meta["counts"] = {k: getattr(stats, k) for k in COUNT_KEYS}
-        writer.add_key_value_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        writer.add_key_value_metadata({METADATA_KEY: json.dumps(redact(meta), sort_keys=True)})
 
     rejected_final = posixpath.join(output_dir, REJECTED_DIR, stats.output)
     if rejects.num_rows:
@@ -203,12 +223,38 @@ def commit_shard(
         fs.rm(rejected_final)  # a re-embedded shard that no longer has bad rows
     # The vector shard goes last: its presence is what marks the shard done.
     commit_file(fs, tmp, final)
+    fs.invalidate_cache(posixpath.dirname(final))
+    stats.output_fingerprint = file_fingerprint(fs.info(final))  # later runs check the file against it
     for p in parts:
         try:
             fs.rm(p.path)
         except FileNotFoundError:
             pass
     return stats
+
+
+def _mark_duplicate_ids(table: pa.Table, first_line: dict[str, int], policy: str, shard: str) -> tuple[pa.Table, int]:
+    """Record this block's embeddable ids in `first_line`; return the block with repeated ids
+    rejected (policy "reject") and their count. Raises DuplicateIdError under "fail"."""
+    reasons = table.column("reason").to_pylist()
+    ids = table.column("id").to_pylist()
+    lines = table.column("line").to_pylist()
+    dup_reasons, n = list(reasons), 0
+    for i, (id_, reason) in enumerate(zip(ids, reasons)):
+        if reason is not None:
+            continue
+        first = first_line.setdefault(id_, lines[i])
+        if first != lines[i]:
+            n += 1
+            if policy == "fail":
+                raise DuplicateIdError(
+                    f"{shard}: id {id_!r} at record {lines[i]} repeats record {first} (input.duplicate_ids=fail); "
+                    "fix the input or set input.duplicate_ids to reject or keep"
+                )
+            dup_reasons[i] = f"duplicate id (first at record {first})"
+    if n and policy == "reject":
+        table = table.set_column(table.column_names.index("reason"), "reason", pa.array(dup_reasons, pa.string()))
+    return table, n
 
 
 def read_provenance(fs, path: str) -> dict | None:
@@ -221,23 +267,54 @@ def read_provenance(fs, path: str) -> dict | None:
         return None
 
 
-def load_manifest(fs, output_dir: str) -> dict:
+@dataclass
+class Manifest:
+    """What manifest.json records: the shard entries (by rel) and the input root they came from
+    (None when unknown: a manifest from before roots were recorded, or a damaged one)."""
+
+    entries: dict[str, dict]
+    input_uri: str | None = None
+    damaged: str | None = None  # why the file could not be used; entries then come from the footers
+
+
+_ENTRY_KEYS = ("rel", "output", "input_fingerprint", "config_fingerprint")
+
+
+def load_manifest(fs, output_dir: str) -> Manifest:
+    """The manifest, or an empty one when there is none. A damaged file (cut short, not JSON, an
+    entry without its keys) is no reason to stop every run: the vector files' footers say what
+    each shard was built from, so the plan rebuilds the entries from them (Manifest.damaged says
+    why, for the warning)."""
     path = posixpath.join(output_dir, MANIFEST)
     if not fs.exists(path):
-        return {}
-    with fs.open(path, "rb") as f:
-        data = json.load(f)
-    return {entry["rel"]: entry for entry in data.get("shards", [])}
+        return Manifest({})
+    try:
+        with fs.open(path, "rb") as f:
+            data = json.load(f)
+        shards = data.get("shards", [])
+        if not isinstance(shards, list):
+            raise ValueError("'shards' is not a list")
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+        return Manifest({}, damaged=f"{path} is not a readable manifest ({type(e).__name__}: {e})")
+    entries, bad = {}, 0
+    for entry in shards:
+        if isinstance(entry, dict) and all(k in entry for k in _ENTRY_KEYS):
+            entries[entry["rel"]] = entry
+        else:
+            bad += 1
+    damaged = f"{path}: {bad} of {len(shards)} entries lack {', '.join(_ENTRY_KEYS)}" if bad else None
+    return Manifest(entries, data.get("input_uri") if isinstance(data.get("input_uri"), str) else None, damaged)
 
 
-def write_manifest(fs, output_dir: str, entries: dict, config_fingerprint: str) -> str:
+def write_manifest(fs, output_dir: str, entries: dict, config_fingerprint: str, input_uri: str | None = None) -> str:
     path = posixpath.join(output_dir, MANIFEST)
     doc = {
         "format": "corpus-embed/manifest@1",
         "package_version": __version__,
         "updated_at": time.time(),
         "config_fingerprint": config_fingerprint,
+        "input_uri": input_uri,
         "shards": [entries[k] for k in sorted(entries)],
     }
-    write_text_atomic(fs, path, json.dumps(doc, indent=1, sort_keys=True))
+    write_text_atomic(fs, path, json.dumps(redact(doc), indent=1, sort_keys=True))
     return path

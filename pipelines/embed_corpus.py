@@ -12,6 +12,7 @@ checked before Ray starts.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import posixpath
@@ -26,7 +27,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit --w
 
 from operators import __version__
 from operators.benchmarks import BenchmarkError
-from operators.config import ConfigError, PipelineConfig, load_config, resolved_config_text
+from operators.config import ConfigError, PipelineConfig, load_config, redact, resolved_config_text
 from operators.embed import ARROW_FLOATS, EmbedSpec
 from operators.incremental import (
     RUNS_DIR,
@@ -40,11 +41,22 @@ from operators.incremental import (
     write_deletions,
     write_json,
 )
-from operators.models import ModelLoadError, ResolvedModel, resolve_model
+from operators.lease import LeaseError, acquire_lease
+from operators.models import CACHE_DIR, ModelLoadError, ResolvedModel, resolve_model
 from operators.postprocess import ArtifactError
 from operators.sinks import SinkError, sync_lancedb
 from operators.provenance import build_provenance, check_artifact
-from operators.storage import InputError, Shard, check_writable, get_fs, list_shards, write_text_atomic
+from operators.storage import (
+    InputError,
+    Shard,
+    check_writable,
+    file_fingerprint,
+    get_fs,
+    list_shards,
+    protocol_of,
+    redact_text,
+    write_text_atomic,
+)
 from operators.writers import (
     COUNT_KEYS,
     STAGING_DIR,
@@ -70,6 +82,11 @@ class Plan:
     version: str | None = None  # output.versioned: v-<fingerprint>
     changed: set[str] = field(default_factory=set)  # rels re-read with document-level reuse
     deleted: list[str] = field(default_factory=list)  # vector files of shards gone from the input
+    # the input root the manifest records, and whether this run may delete what it lacks: only when
+    # it lists that same root (or output.prune), so a run over a subset or another root deletes nothing
+    input_root: str | None = None
+    prunes: bool = True
+    damaged: list[str] = field(default_factory=list)  # rels whose committed vector file failed its check
 
 
 def gate_eval_config(cfg: PipelineConfig) -> PipelineConfig:
@@ -104,15 +121,24 @@ def plan_run(cfg: PipelineConfig) -> Plan:
         except ImportError as e:
             raise ConfigError("sinks.lancedb.uri is set but lancedb is not installed: pip install 'corpus-embed[lancedb]'") from e
     out_uri, version = output_location(cfg, fp)
+    check_output_outside_input(cfg, out_uri)
     check_writable(out_uri, cfg.output.storage)
 
     fs, out_dir = get_fs(out_uri, cfg.output.storage)
-    manifest = load_manifest(fs, out_dir)
-    present = {posixpath.basename(p) for p in fs.ls(out_dir, detail=False)} if fs.exists(out_dir) else set()
-    todo, done, changed = [], {}, set()
+    recorded = load_manifest(fs, out_dir)
+    if recorded.damaged:
+        logger.warning("%s: rebuilding the entries from the vector files' footers", redact_text(recorded.damaged))
+    manifest = recorded.entries
+    fs.invalidate_cache(out_dir)
+    present = {posixpath.basename(i["name"]): i for i in fs.ls(out_dir, detail=True)} if fs.exists(out_dir) else {}
+    todo, done, changed, damaged = [], {}, set(), []
     for shard in shards:
         entry = manifest.get(shard.rel)
         if shard.output_name not in present:
+            todo.append(shard)
+            continue
+        if entry is not None and not output_intact(entry, present[shard.output_name]):
+            damaged.append(shard.rel)  # cut short or replaced since its commit: embed it again
             todo.append(shard)
             continue
         if entry is None or entry.get("config_fingerprint") != fp or entry.get("input_fingerprint") != shard.fingerprint:
@@ -121,20 +147,68 @@ def plan_run(cfg: PipelineConfig) -> Plan:
             meta = read_provenance(fs, posixpath.join(out_dir, shard.output_name)) or {}
             if meta.get("config_fingerprint") == fp and meta.get("input", {}).get("fingerprint") == shard.fingerprint:
                 entry = dict(_stats_for(shard, fp).to_json(), **meta.get("counts", {}))
+                entry["output_fingerprint"] = file_fingerprint(present[shard.output_name])
             else:
                 todo.append(shard)
                 if meta.get("config_fingerprint") == fp:  # same config, new content: reuse what did not change
                     changed.add(shard.rel)
                 continue
         done[shard.rel] = entry
+    if damaged:
+        logger.warning("%d committed vector files differ from what their commit recorded (size, etag/mtime); "
+                       "embedding them again: %s", len(damaged), ", ".join(damaged[:10]))
+    root = redact_text(cfg.input.uri.rstrip("/"))
+    input_root = recorded.input_uri
+    prunes = cfg.output.prune or (input_root == root)
+    if input_root is None and (manifest or recorded.damaged or present):
+        prunes = cfg.output.prune  # which root the output came from is unknown: delete nothing unasked
     wanted = {s.output_name for s in shards}
-    deleted = sorted(n for n in present if n.endswith(".parquet") and n not in wanted)
-    return Plan(shards, todo, done, resolved, provenance, fp, out_uri, version, changed, deleted)
+    deleted = sorted(n for n in present if n.endswith(".parquet") and n not in wanted) if prunes else []
+    if not prunes:
+        others = sum(1 for n in present if n.endswith(".parquet") and n not in wanted)
+        if others:
+            logger.warning(
+                "input.uri %s is not the input root this output records (%s): the %d vector shards of other inputs "
+                "are kept. To delete them on purpose, run with --set output.prune=true", root, input_root or "unknown", others,
+            )
+    if prunes or input_root is None:
+        input_root = root
+    return Plan(shards, todo, done, resolved, provenance, fp, out_uri, version, changed, deleted, input_root, prunes, damaged)
+
+
+def output_intact(entry: dict, info: dict) -> bool:
+    """Whether a committed vector file still is what its commit recorded (size, and etag or mtime):
+    a listing's details, no extra request. Entries from before this record pass."""
+    want = entry.get("output_fingerprint")
+    if not want:
+        return True
+    have = file_fingerprint(info)
+    return all(have.get(k) == v for k, v in want.items() if k in have)
+
+
+def check_output_outside_input(cfg: PipelineConfig, out_uri: str) -> None:
+    """Refuse an output folder inside the input folder: the next run would read its own vectors as input."""
+    in_fs, in_path = get_fs(cfg.input.uri, cfg.input.storage)
+    out_fs, out_path = get_fs(out_uri, cfg.output.storage)
+    if protocol_of(cfg.input.uri) != protocol_of(out_uri):
+        return
+    root = in_path
+    if any(c in root for c in "*?["):
+        root = root[: min(root.index(c) for c in "*?[" if c in root)].rsplit("/", 1)[0]
+    elif not in_fs.isdir(root):
+        return  # one file: a sibling output folder is never listed
+    norm = (lambda p: os.path.realpath(p)) if protocol_of(out_uri) == "file" else (lambda p: p.rstrip("/"))
+    root, out = norm(root), norm(out_path)
+    if out == root or out.startswith(root.rstrip("/") + "/"):
+        raise ConfigError(
+            f"output.uri {redact_text(out_uri)} lies inside input.uri {redact_text(cfg.input.uri)}: later runs would read "
+            "the vector shards as input. Pick an output folder outside the input"
+        )
 
 
 def _stats_for(shard: Shard, fp: str, incremental: bool = False) -> ShardStats:
     return ShardStats(
-        input=shard.uri, rel=shard.rel, output=shard.output_name, input_fingerprint=shard.fingerprint,
+        input=shard.public_uri, rel=shard.rel, output=shard.output_name, input_fingerprint=shard.fingerprint,
         config_fingerprint=fp, incremental=incremental,
     )
 
@@ -259,21 +333,21 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
     import ray
 
     from operators.embed import Embedder
-    from operators.ray_io import CommitCoordinator, ShardDatasource, ShardedParquetSink
+    from operators.ray_io import ShardDatasource, ShardedParquetSink, start_coordinator
     from operators.vectors import NoopEmbedder
 
     init_ray(cfg)
     fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
     staging_root = posixpath.join(out_dir, STAGING_DIR)
-    if fs.exists(staging_root):  # parts of an earlier run that died: never committed, redo
+    if fs.exists(staging_root):  # the caller holds the output's lease: these parts are a dead run's, never committed
         fs.rm(staging_root, recursive=True)
     staging = posixpath.join(staging_root, time.strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:8])
-    plans = {s.uri: _stats_for(s, plan.config_fingerprint, s.rel in plan.changed) for s in plan.todo}
+    plans = {s.public_uri: _stats_for(s, plan.config_fingerprint, s.rel in plan.changed) for s in plan.todo}
     previous = {s.uri: posixpath.join(plan.out_uri, s.output_name) for s in plan.todo if s.rel in plan.changed}
-    coordinator = CommitCoordinator.remote(list(plans))
+    coordinator = start_coordinator(list(plans))
     sink = ShardedParquetSink(
         coordinator, plan.out_uri, cfg.output.storage, staging, plans,
-        plan.provenance["dimension"], ARROW_FLOATS[cfg.output.dtype], plan.provenance,
+        plan.provenance["dimension"], ARROW_FLOATS[cfg.output.dtype], plan.provenance, cfg.input.duplicate_ids,
     )
     # one block stream per shard, no re-splitting (with ray.tokenize_on=tasks the tokenize stage fuses into the reads)
     ds = ray.data.read_datasource(
@@ -289,11 +363,34 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.io_cpus})
     except Exception as e:  # keep what was committed: record it in the manifest, then fail
         error = e
-    state = ray.get(coordinator.state.remote())
+    try:
+        state = ray.get(coordinator.state.remote())
+    except Exception as e:  # the coordinator died with its node: the footers say what was committed
+        logger.warning("the commit coordinator was lost (%s); reading what was committed from the vector files", type(e).__name__)
+        state = committed_from_footers(fs, out_dir, plan)
+        error = error or e
     state["error"] = error
-    if not error and fs.exists(staging_root):
+    if not error and not state["failed"] and fs.exists(staging_root):
         fs.rm(staging_root, recursive=True)
     return state
+
+
+def committed_from_footers(fs, out_dir: str, plan: Plan) -> dict:
+    """The coordinator's state rebuilt from the output: each shard of the plan whose vector file's
+    footer carries this config and this input fingerprint was committed by this run."""
+    committed, failed = {}, {}
+    for shard in plan.todo:
+        path = posixpath.join(out_dir, shard.output_name)
+        meta = read_provenance(fs, path) or {}
+        if meta.get("config_fingerprint") == plan.config_fingerprint and meta.get("input", {}).get("fingerprint") == shard.fingerprint:
+            stats = _stats_for(shard, plan.config_fingerprint, shard.rel in plan.changed)
+            for k, v in meta.get("counts", {}).items():
+                setattr(stats, k, v)
+            stats.output_fingerprint = file_fingerprint(fs.info(path))
+            committed[shard.public_uri] = stats.to_json()
+        else:
+            failed[shard.public_uri] = "not committed: the run lost its commit coordinator; re-run to finish it"
+    return {"committed": committed, "failed": failed, "pending": {}}
 
 
 class GateError(RuntimeError):
@@ -352,6 +449,7 @@ def run(cfg: PipelineConfig, noop: bool = False) -> dict:
     )
     fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
     error: BaseException | None = None
+    lease = acquire_lease(root_fs, root, run_id, cfg.output.lease_seconds)  # a live holder: LeaseError, before any write
     try:
         if plan.todo:
             logger.info(
@@ -368,13 +466,16 @@ def run(cfg: PipelineConfig, noop: bool = False) -> dict:
         for stats in state["committed"].values():
             deletions += [{"id": i, "shard": stats["output"], "reason": "document removed"} for i in stats.get("deleted_ids", [])]
         recorded = load_manifest(fs, out_dir)
-        entries = dict(recorded)
+        entries = dict(recorded.entries)
+        for rel in plan.damaged:
+            entries.pop(rel, None)  # unless re-committed below
         entries.update(plan.done)
         entries.update({s["rel"]: {k: v for k, v in s.items() if k != "deleted_ids"} for s in state["committed"].values()})
-        current = {s.rel for s in plan.shards}
-        entries = {k: v for k, v in entries.items() if k in current}
-        if entries != recorded:  # a run with nothing to do rewrites nothing
-            write_manifest(fs, out_dir, entries, plan.config_fingerprint)
+        if plan.prunes:
+            current = {s.rel for s in plan.shards}
+            entries = {k: v for k, v in entries.items() if k in current}
+        if entries != recorded.entries or recorded.input_uri != plan.input_root:  # a run with nothing to do rewrites nothing
+            write_manifest(fs, out_dir, entries, plan.config_fingerprint, plan.input_root)
         summary["deletions_file"] = write_deletions(fs, out_dir, run_id, deletions)
         summary["committed_shards"] = sorted(s["output"] for s in state["committed"].values())
         summary["deleted_shards"] = plan.deleted
@@ -385,17 +486,14 @@ def run(cfg: PipelineConfig, noop: bool = False) -> dict:
                 summary[key] += stats.get(key, 0)
             if stats["read_errors"]:
                 logger.warning("%s: the shard could not be read to the end; see %s/_rejected/%s", stats["input"], plan.out_uri, stats["output"])
+            if stats.get("rows_duplicate"):
+                logger.warning("%s: %d rows repeat an earlier id of the shard (input.duplicate_ids=%s)",
+                               stats["input"], stats["rows_duplicate"], cfg.input.duplicate_ids)
         commits = sorted((c["committed_at"], c["rows_in"]) for c in state["committed"].values())
         if len(commits) >= 4:  # the rate between the first and last commit: start-up left out
             summary["steady_rows_per_s"] = sum(n for _, n in commits[1:]) / max(commits[-1][0] - commits[0][0], 1e-6)
         if state["error"] is not None or state["failed"] or state["pending"]:
-            problems = [f"{s}: {e}" for s, e in state["failed"].items()]
-            problems += [f"{s}: {p['rows_staged']} of {p['rows_expected']} records staged, not committed" for s, p in state["pending"].items()]
-            detail = "\n  ".join(problems[:20])
-            raise IncompleteShardError(
-                f"{len(state['committed'])} of {len(plan.todo)} shards committed; re-run to finish the rest"
-                + (f"\n  {detail}" if detail else "")
-            ) from state["error"]
+            raise IncompleteShardError(incomplete_message(state, len(plan.todo))) from state["error"]
 
         if cfg.gate.tasks:
             t = time.time()
@@ -418,7 +516,7 @@ def run(cfg: PipelineConfig, noop: bool = False) -> dict:
             rebuild = bool(plan.version) and (previous or {}).get("version") != plan.version
             summary["sinks"] = {"lancedb": sync_lancedb(
                 cfg.sinks.lancedb, fs, out_dir, names, [s["output"] for s in state["committed"].values()],
-                [d["id"] for d in deletions], plan.provenance["dimension"], rebuild,
+                plan.deleted, plan.provenance["dimension"], rebuild,
             )}
             durations["sinks_s"] = time.time() - t
         summary["status"] = "ok"
@@ -431,9 +529,26 @@ def run(cfg: PipelineConfig, noop: bool = False) -> dict:
         durations["total_s"] = summary["seconds"]
         summary["durations"] = durations
         _record_run(cfg, root_fs, root, summary)
+        lease.release()
     if error is not None:
         raise error
     return summary
+
+
+def incomplete_message(state: dict, planned: int) -> str:
+    """What a run that did not commit every shard says: each shard, why, and what a re-run does."""
+    problems = [f"{s}: {e}" for s, e in sorted(state["failed"].items())]
+    problems += [
+        f"{s}: {p['rows_staged']} of {p['rows_expected'] or '?'} records staged when the run stopped; not committed, re-run to retry it"
+        for s, p in sorted(state["pending"].items())
+    ]
+    shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+    err = state.get("error")
+    cause = f"\n  the run stopped early: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}" if err is not None else ""
+    return redact_text(
+        f"{len(state['committed'])} of {planned} shards committed (kept: a re-run skips them); "
+        f"{len(state['failed']) + len(state['pending'])} not committed" + cause + "".join(f"\n  {p}" for p in shown)
+    )
 
 
 def _record_run(cfg: PipelineConfig, fs, root: str, s: dict) -> None:
@@ -447,6 +562,7 @@ def _record_run(cfg: PipelineConfig, fs, root: str, s: dict) -> None:
             "shards_unchanged": s["shards_skipped"], "shards_deleted": s["shards_deleted"],
             "rows_in": s["rows_in"], "rows_embedded": s["rows_written"] - s["rows_reused"], "rows_reused": s["rows_reused"],
             "rows_rejected": s["rows_rejected"], "rows_truncated": s["rows_truncated"], "rows_deleted": s["rows_deleted"],
+            "rows_duplicate": s.get("rows_duplicate", 0),
             "tokens": s["tokens"],
         },
         "throughput": {
@@ -457,13 +573,19 @@ def _record_run(cfg: PipelineConfig, fs, root: str, s: dict) -> None:
         "out_uri": s.get("out_uri"), "committed_shards": s.get("committed_shards", []), "deleted_shards": s.get("deleted_shards", []),
         "deletions_file": s.get("deletions_file"), "error": s.get("error"), "package_version": __version__,
     }
+    report = redact(report)
     s["report"] = report
     try:
         write_json(fs, posixpath.join(root, RUNS_DIR, f"{s['run_id']}.json"), report)
         write_text_atomic(fs, posixpath.join(root, RUNS_DIR, f"{s['run_id']}.md"), report_markdown(report))
         append_run_log(fs, root, {k: report[k] for k in ("run_id", "status", "version", "published", "config_fingerprint", "counts", "durations")})
-    except Exception as e:  # never hide the run's own outcome behind a logging failure
-        logger.warning("could not write the run report under %s/%s: %s", root, RUNS_DIR, e)
+    except Exception as e:  # never hide the run's own outcome behind a logging failure: keep the report locally
+        local = CACHE_DIR / "runs" / f"{s['run_id']}.json"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        s["report_path"] = str(local)
+        logger.warning("could not write the run report under %s/%s (%s: %s); it is at %s",
+                       redact_text(root), RUNS_DIR, type(e).__name__, redact_text(str(e)), local)
 
 
 def padding_efficiency(s: dict) -> float:
@@ -492,6 +614,8 @@ def cli(description: str, argv: list[str] | None, work, summarize) -> int:
     """The shared command line of the pipelines: --config/--set, the resolved config logged,
     exit 2 for problems found before work starts, 1 for a run that failed part-way."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     p.add_argument(
@@ -503,20 +627,36 @@ def cli(description: str, argv: list[str] | None, work, summarize) -> int:
         cfg = load_config(args.config, args.set)
         logger.info("corpus-embed %s, resolved config:\n%s", __version__, resolved_config_text(cfg))
         result = work(cfg)
-    except (ConfigError, InputError, ModelLoadError, ArtifactError, BenchmarkError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except IncompleteShardError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+    except (ConfigError, InputError, ModelLoadError, ArtifactError, BenchmarkError, LeaseError) as e:
+        return _fail(e, 2)
     except GateError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 3
-    except SinkError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return _fail(e, 3)
+    except (IncompleteShardError, SinkError) as e:
+        return _fail(e, 1)
+    except Exception as e:  # anything else (an output that turned unwritable, a lost cluster): one line, no traceback
+        logger.debug("unexpected error", exc_info=True)
+        return _fail(e, 1, f"{type(e).__name__}: ")
     print(summarize(result), flush=True)
     return 0
+
+
+def _fail(e: BaseException, code: int, prefix: str = "") -> int:
+    print(f"error: {redact_text(prefix + str(e))}", file=sys.stderr, flush=True)
+    return code
+
+
+class RedactingFilter(logging.Filter):
+    """Credentials never reach a log line, whichever operator formatted it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
