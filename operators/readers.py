@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators.config import InputConfig
-from operators.storage import InputError, Shard, get_fs, list_shards
+from operators.storage import InputError, Shard, get_fs, list_shards, redact_text
 
 READ_SCHEMA = pa.schema(
     [
@@ -71,12 +71,10 @@ def is_data_error(e: BaseException) -> bool:
 
 def describe_failure(shard: Shard, record: int, e: BaseException) -> str:
     """The eof reason of a shard that failed: where, what, and what a re-run does."""
-    from operators.storage import redact_text
-
     hint = "check the credentials and permissions, then re-run" if isinstance(e, PermissionError) else (
         "re-run to retry it" if not isinstance(e, FileNotFoundError) else "it vanished while the run read it; a re-run re-lists the input"
     )
-    return redact_text(f"{SHARD_FAILED} after record {record}: {type(e).__name__}: {e}; not committed, {hint}")
+    return redact_text(f"{SHARD_FAILED} after record {record}: {type(e).__name__}: {e}; not committed, {hint}", shard.uri)
 
 
 class _BlockBuilder:
@@ -252,7 +250,7 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
     except Exception as e:
         if is_data_error(e):
             b.n += 1
-            b.reject(b.n, f"shard read error after record {b.n - 1}: {type(e).__name__}: {e}", None)
+            b.reject(b.n, redact_text(f"shard read error after record {b.n - 1}: {type(e).__name__}: {e}", shard.uri), None)
         else:
             failure = describe_failure(shard, b.n, e)
     yield b.finish(failure)

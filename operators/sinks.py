@@ -110,17 +110,21 @@ def sync_lancedb(
                 f"sinks.lancedb: table {cfg.table} holds {table.schema.field('vector').type} vectors, this run "
                 f"{schema.field('vector').type}; a model change needs output.versioned (which rebuilds) or a new table"
             )
-        before = table.count_rows()
+        old = 0  # rows of the shards replaced or removed, before: deleted = old - upserted
         for start in range(0, len(removed), 500):
-            table.delete(f"shard IN ({_quote(removed[start : start + 500])})")
+            where = f"shard IN ({_quote(removed[start : start + 500])})"
+            old += table.count_rows(where)
+            table.delete(where)
         upserted = 0
         for name, p in zip(committed, paths(committed)):
             rows = shard_rows(fs, p, dimension)
-            table.delete(f"shard = {_quote([name])}")
+            where = f"shard = {_quote([name])}"
+            old += table.count_rows(where)
+            table.delete(where)
             if rows.num_rows:
                 table.add(rows)
                 upserted += rows.num_rows
-        stats.update(mode="incremental", deleted=before + upserted - table.count_rows(), upserted=upserted)
+        stats.update(mode="incremental", deleted=max(0, old - upserted), upserted=upserted)
     n = table.count_rows()
     stats["rows"] = n
     idx = cfg.index

@@ -70,9 +70,14 @@ _SECRET_FIELDS = re.compile(
 _BEARER = re.compile(r"(?P<k>\b(?:Bearer|Basic)\s+)(?P<v>[A-Za-z0-9._~+/=-]{8,})")
 
 
-def redact_text(text: str) -> str:
+def redact_text(text: str, *uris: str) -> str:
     """`text` with URI credentials, connection-string keys, signatures and bearer tokens replaced
-    by ***: for anything that reaches a log line, an error message or an output file."""
+    by ***: for anything that reaches a log line, an error message or an output file. The userinfo
+    of each of `uris` is also replaced wherever it appears bare (an error that echoes a path
+    without its scheme)."""
+    for uri in uris:
+        for m in _URI_USERINFO.finditer(uri):
+            text = text.replace(m.group("cred"), "***")
     text = _URI_USERINFO.sub(r"\g<scheme>***@", text)
     text = _SECRET_FIELDS.sub(r"\g<k>***", text)
     return _BEARER.sub(r"\g<k>***", text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,8 +12,9 @@ import pytest
 import zstandard
 
 from operators.config import InputConfig
-from operators.readers import read_shard
+from operators.readers import SHARD_FAILED, is_data_error, read_shard
 from operators.storage import InputError, detect_format, list_shards
+from tests.catalogue import AT_LEAST, RECORDS, file_cases
 from tests.conftest import write_jsonl
 
 BAD_JSONL = [
@@ -155,3 +157,61 @@ def test_output_names_are_deterministic_and_distinct(tmp_path):
     assert first == again and len(set(first)) == 2
     assert all(n.endswith(".parquet") for n in first)
     assert detect_format("s3://b/x/part-1.JSONL.gz") == "jsonl"
+
+
+# ---------------------------------------------------------------------------------------------
+# The bad-input catalogue (tests/catalogue.py): no record or file makes the reader raise
+
+
+@pytest.mark.parametrize("case", RECORDS, ids=[c[0] for c in RECORDS])
+def test_each_bad_record_is_one_reasoned_row(tmp_path, case):
+    name, raw, reason = case
+    path = tmp_path / "one.jsonl"
+    path.write_bytes(b'{"id": "before", "text": "fine"}\n' + raw + b'\n{"id": "after", "text": "fine"}\n')
+    rows = read_all(*only(path)).to_pylist()
+    assert [r["line"] for r in rows] == [1, 2, 3, 3] and rows[-1]["eof"] and rows[-1]["reason"] is None
+    assert rows[0]["reason"] is None and rows[2]["reason"] is None  # the neighbours are untouched
+    if reason is None:
+        assert rows[1]["reason"] is None and rows[1]["text"]
+    else:
+        assert rows[1]["reason"] is not None and rows[1]["reason"].startswith(reason), rows[1]["reason"]
+        assert rows[1]["text"] is None and rows[1]["id"]  # a rejection still has an id, for the rejected file
+
+
+@pytest.mark.parametrize("case", file_cases(), ids=lambda c: c.name[:40])
+def test_each_bad_file_reconciles(tmp_path, case):
+    (tmp_path / case.name).write_bytes(case.data)
+    rows = read_all(*only(tmp_path / case.name)).to_pylist()
+    records, eof = rows[:-1], rows[-1]
+    assert eof["eof"] and eof["reason"] is None and eof["line"] == len(records)  # never a failed shard: data errors are rows
+    embedded = sum(r["reason"] is None for r in records)
+    rejected = [r for r in records if r["reason"] is not None]
+    if case.name in AT_LEAST:
+        assert embedded >= case.embedded
+    else:
+        assert embedded == case.embedded
+    assert len(rejected) == case.rejected, [r["reason"] for r in rejected]
+    assert any(r["reason"].startswith("shard read error") for r in rejected) == case.read_error
+    pa.table({"r": [r["reason"] for r in records]})  # every reason is valid UTF-8
+
+
+def test_an_io_error_fails_the_shard_instead_of_rejecting_it(tmp_path):
+    """A read that fails for a reason other than the bytes (here: the file vanishes after listing)
+    ends with a failed eof row naming the record and saying a re-run helps; no rows are rejected."""
+    path = write_jsonl(tmp_path / "gone.jsonl", [{"text": "x"}])
+    shard, cfg = only(path)
+    path.unlink()
+    rows = read_all(shard, cfg).to_pylist()
+    assert len(rows) == 1 and rows[0]["eof"]
+    assert rows[0]["reason"].startswith(SHARD_FAILED + " after record 0: FileNotFoundError")
+    assert "re-run" in rows[0]["reason"]
+
+
+@pytest.mark.parametrize(
+    "error, data",
+    [(zlib.error("bad"), True), (EOFError(), True), (OSError("Invalid data stream"), True), (pa.ArrowInvalid("x"), True),
+     (ConnectionResetError(), False), (TimeoutError(), False), (OSError(5, "EIO"), False), (PermissionError(), False),
+     (FileNotFoundError(), False), (RuntimeError("?"), False)],
+)
+def test_error_classes(error, data):
+    assert is_data_error(error) is data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401
 import pyarrow.parquet as pq
 import pytest
 
@@ -80,7 +81,7 @@ def test_ann_index_recall_at_10_against_exact_search(tmp_path, kind):
     assert partial >= 0.8, partial
 
 
-def test_upserts_leave_one_row_per_id_and_apply_deletions(tmp_path):
+def test_nightly_sync_keeps_the_table_equal_to_the_parquet(tmp_path):
     fs = fsspec.filesystem("file")
     out = tmp_path / "out"
     out.mkdir()
@@ -90,11 +91,11 @@ def test_upserts_leave_one_row_per_id_and_apply_deletions(tmp_path):
     b = write_shard(out, "b.parquet", ids[200:], vecs[200:])
     cfg = LanceDBSinkConfig(uri=str(tmp_path / "db"), table="t")
     sync_lancedb(cfg, fs, str(out), [a, b], [a, b], [], DIM, rebuild=False)  # no table yet: built whole
-    # next night: shard a rewritten with 10 vectors changed and 5 documents gone, d0..d4 deleted
+    # next night: shard a rewritten with 10 vectors changed and d0..d4 gone
     changed = vecs[:200].copy()
     changed[10:20] = clustered_vectors(10, seed=7)
     write_shard(out, "a.parquet", ids[5:200], changed[5:200])
-    stats = sync_lancedb(cfg, fs, str(out), [a, b], [a], ids[:5], DIM, rebuild=False)
+    stats = sync_lancedb(cfg, fs, str(out), [a, b], [a], [], DIM, rebuild=False)
     assert stats["mode"] == "incremental" and stats["deleted"] == 5 and stats["upserted"] == 195
     table = lancedb.connect(cfg.uri).open_table("t").to_arrow()
     got = dict(zip(table.column("id").to_pylist(), table.column("vector").to_pylist()))
@@ -102,6 +103,22 @@ def test_upserts_leave_one_row_per_id_and_apply_deletions(tmp_path):
     assert set(got) == set(ids[5:])
     np.testing.assert_allclose(got["d15"], changed[15], atol=1e-7)
     np.testing.assert_allclose(got["d250"], vecs[250], atol=1e-7)
+
+    # a third shard holds d250 again (the same id in two shards): the table holds both, each with
+    # its own shard's vector, as the Parquet does; removing shard b leaves c's alone
+    other = clustered_vectors(1, seed=9)
+    c = write_shard(out, "c.parquet", ["d250"], other)
+    sync_lancedb(cfg, fs, str(out), [a, b, c], [c], [], DIM, rebuild=False)
+    rows = lancedb.connect(cfg.uri).open_table("t").to_arrow().filter(pa.compute.equal(pa.compute.field("id"), "d250")).to_pylist()
+    by_shard = {r["shard"]: r["vector"] for r in rows}
+    assert len(rows) == 2 and set(by_shard) == {"b.parquet", "c.parquet"}
+    np.testing.assert_allclose(by_shard["b.parquet"], vecs[250], atol=1e-7)
+    np.testing.assert_allclose(by_shard["c.parquet"], other[0], atol=1e-7)
+    (out / b).unlink()
+    stats = sync_lancedb(cfg, fs, str(out), [a, c], [], [b], DIM, rebuild=False)
+    table = lancedb.connect(cfg.uri).open_table("t").to_arrow()
+    assert stats["deleted"] == 100 and table.num_rows == 196
+    assert table.filter(pa.compute.equal(pa.compute.field("id"), "d250")).column("shard").to_pylist() == ["c.parquet"]
 
 
 def test_a_table_of_another_dimension_is_refused(tmp_path):

@@ -1,0 +1,107 @@
+"""Storage helpers against hostile names and URIs: confined paths, bounded output names, symlinked
+inputs, and credentials that never reach text."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from operators.config import InputConfig, StorageConfig, redact, resolved_config_text, load_config
+from operators.storage import Shard, UnsafePathError, confined_path, list_shards, redact_text
+from tests.conftest import write_jsonl
+
+
+@pytest.mark.parametrize(
+    "rel",
+    ["../x.pth", "a/../../x", "/etc/passwd", "a/./../../b", "..", "", "a\\..\\..\\b", "c:/x", "a\x00b"],
+)
+def test_confined_path_refuses_names_that_leave_the_folder(tmp_path, rel):
+    with pytest.raises(UnsafePathError):
+        confined_path(tmp_path / "dest", rel)
+
+
+def test_confined_path_refuses_a_symlink_out_of_the_folder(tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "link").symlink_to(tmp_path)
+    with pytest.raises(UnsafePathError, match="outside"):
+        confined_path(dest, "link/escape.txt")
+    assert confined_path(dest, "sub/model.safetensors") == dest / "sub" / "model.safetensors"
+    assert confined_path(dest, "a..b/c...txt") == dest / "a..b" / "c...txt"  # dots inside names are fine
+
+
+def test_output_names_stay_under_the_filesystem_limit(tmp_path):
+    long = "é" * 200 + ".jsonl"  # 406 bytes of UTF-8
+    a = Shard(uri="x", rel=long, format="jsonl", compression=None, fingerprint={})
+    b = Shard(uri="x", rel="é" * 200 + "x.jsonl", format="jsonl", compression=None, fingerprint={})
+    assert len(a.output_name.encode()) <= 200 and a.output_name != b.output_name
+    (tmp_path / a.output_name).write_text("")  # a real filesystem takes it
+    short = Shard(uri="x", rel="dir/part-0.jsonl", format="jsonl", compression=None, fingerprint={})
+    assert short.output_name.startswith("dir__part-0.jsonl-")  # short names are as before
+
+
+def test_symlinked_folders_and_files_are_listed_and_fingerprinted_by_target(tmp_path):
+    real = tmp_path / "real"
+    write_jsonl(real / "a.jsonl", [{"text": "x"}])
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "own.jsonl", [{"text": "y"}])
+    (corpus / "linked").symlink_to(real, target_is_directory=True)
+    (corpus / "b.jsonl").symlink_to(real / "a.jsonl")
+    (corpus / "loop").symlink_to(corpus, target_is_directory=True)  # a loop ends
+    storage = StorageConfig()
+    shards = {s.rel: s for s in list_shards(str(corpus), "auto", storage)}
+    assert set(shards) == {"b.jsonl", "linked/a.jsonl", "own.jsonl"}
+    before = shards["b.jsonl"].fingerprint
+    time.sleep(0.01)
+    write_jsonl(real / "a.jsonl", [{"text": "edited through the link"}])
+    after = {s.rel: s for s in list_shards(str(corpus), "auto", storage)}["b.jsonl"].fingerprint
+    assert after != before and after["size"] == os.path.getsize(real / "a.jsonl")
+
+
+SECRETS = ["hunter2pass", "AKIAEXAMPLEKEYID", "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY", "c2FzLXNpZ25hdHVyZQ", "eyJhbGciOiJIUzI1NiJ9xyz"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "http://user:hunter2pass@host/corpus/part-0.jsonl",
+        "s3://AKIAEXAMPLEKEYID:wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY@bucket/corpus/",
+        "DefaultEndpointsProtocol=https;AccountName=acc;AccountKey=wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY;EndpointSuffix=x",
+        "https://acc.blob.core.windows.net/c/x.jsonl?sv=2022&sig=c2FzLXNpZ25hdHVyZQ&se=2030",
+        "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAEXAMPLEKEYID&X-Amz-Signature=c2FzLXNpZ25hdHVyZQ",
+        "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9xyz",
+        "cannot read gs://user:hunter2pass@bucket/x: ClientError",
+    ],
+)
+def test_redact_text_removes_every_spelling_of_a_credential(text):
+    clean = redact_text(text)
+    assert "***" in clean and not any(secret in clean for secret in SECRETS), clean
+
+
+def test_config_redaction_covers_option_spellings(tmp_path):
+    options = {
+        "key": "AKIAEXAMPLEKEYID", "secret": "hunter2pass", "token": "eyJhbGciOiJIUzI1NiJ9xyz",
+        "SecretAccessKey": "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY", "aws_access_key_id": "AKIAEXAMPLEKEYID",
+        "headers": {"Authorization": "Bearer eyJhbGciOiJIUzI1NiJ9xyz"}, "connection_string": "AccountKey=hunter2pass",
+        "passphrase": "hunter2pass", "apikey": "hunter2pass", "sas": "c2FzLXNpZ25hdHVyZQ", "auth": ["u", "hunter2pass"],
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    cfg = load_config(None, [f"input.storage.options={options!r}".replace("'", '"'), "input.uri=http://u:hunter2pass@h/x.jsonl"])
+    text = resolved_config_text(cfg)
+    assert not any(secret in text for secret in SECRETS), text
+    assert "us-east-1" in text  # what is no secret stays readable
+    tree = redact({"exclude_special_tokens": True, "max_batch_tokens": 16384, "tokens": 5})
+    assert tree == {"exclude_special_tokens": True, "max_batch_tokens": 16384, "tokens": 5}
+
+
+def test_reader_rows_name_the_shard_without_its_credentials(tmp_path):
+    from operators.readers import read_shard
+
+    path = write_jsonl(tmp_path / "x.jsonl", [{"text": None}])
+    (shard,) = list_shards(str(path), "auto", StorageConfig())
+    hostile = Shard(uri="file://user:hunter2pass@" + str(path), rel=shard.rel, format="jsonl", compression=None, fingerprint={})
+    assert "hunter2pass" not in hostile.public_uri
+    rows = [r for b in read_shard(hostile, InputConfig(uri=str(path))) for r in b.to_pylist()]
+    assert rows and not any("hunter2pass" in str(v) for r in rows for v in r.values())
