@@ -13,6 +13,7 @@ write landed last holds it and the other stops.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import socket
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from operators.storage import write_text_atomic
 
 LEASE = "_lease.json"
+logger = logging.getLogger("corpus_embed")
 
 
 class LeaseError(RuntimeError):
@@ -96,12 +98,14 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        current = read_lease(self.fs, self.root)
-        if current is not None and current.get("run_id") == self.run_id:
-            try:
+        try:
+            current = read_lease(self.fs, self.root)
+            if current is not None and current.get("run_id") == self.run_id:
                 self.fs.rm(self.path)
-            except FileNotFoundError:
-                pass
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # never hide the run's outcome: the lease then expires by itself
+            logger.warning("could not give back the lease %s (%s: %s); it expires in %.0f s", self.path, type(e).__name__, e, self.ttl)
 
     def __enter__(self) -> "Lease":
         return self

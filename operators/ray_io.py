@@ -9,6 +9,7 @@ run, and a run killed mid-way keeps every shard it had committed.
 
 from __future__ import annotations
 
+import uuid
 from typing import Iterable
 
 import pyarrow as pa
@@ -127,7 +128,10 @@ def start_coordinator(expected: list[str]):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
-    return CommitCoordinator.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(expected)
+    return CommitCoordinator.options(
+        name=f"corpus-embed-coordinator-{uuid.uuid4().hex[:12]}",  # findable by operators (and the chaos tests)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+    ).remote(expected)
 
 
 class ShardedParquetSink(Datasink[list]):
