@@ -175,7 +175,7 @@ def commit_shard(
                 missing = int(want[np.argmax(lines != want)])
                 raise IncompleteShardError(f"{stats.input}: record {missing} never reached the writer")
             next_line += len(lines)
-            table, n_dup = _mark_duplicate_ids(table, first_line, duplicate_ids, stats.input)
+            table, n_dup = _mark_duplicate_ids(table, first_line, duplicate_ids)
             duplicates += n_dup
             bad = pc.is_valid(table.column("reason"))
             ok = table.filter(pc.invert(bad))
@@ -233,7 +233,7 @@ def commit_shard(
     return stats
 
 
-def _mark_duplicate_ids(table: pa.Table, first_line: dict[str, int], policy: str, shard: str) -> tuple[pa.Table, int]:
+def _mark_duplicate_ids(table: pa.Table, first_line: dict[str, int], policy: str) -> tuple[pa.Table, int]:
     """Record this block's embeddable ids in `first_line`; return the block with repeated ids
     rejected (policy "reject") and their count. Raises DuplicateIdError under "fail"."""
     reasons = table.column("reason").to_pylist()
@@ -248,7 +248,7 @@ def _mark_duplicate_ids(table: pa.Table, first_line: dict[str, int], policy: str
             n += 1
             if policy == "fail":
                 raise DuplicateIdError(
-                    f"{shard}: id {id_!r} at record {lines[i]} repeats record {first} (input.duplicate_ids=fail); "
+                    f"id {id_!r} at record {lines[i]} repeats record {first} (input.duplicate_ids=fail); "
                     "fix the input or set input.duplicate_ids to reject or keep"
                 )
             dup_reasons[i] = f"duplicate id (first at record {first})"

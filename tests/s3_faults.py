@@ -74,9 +74,10 @@ class S3FaultProxy:
                 data = resp.read()
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
-                    if k.lower() not in HOP and k.lower() != "content-length":
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                    if k.lower() not in HOP and (k.lower() != "content-length" or self.command == "HEAD"):
+                        self.send_header(k, v)  # a HEAD's length is the object's, not its empty body's
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
