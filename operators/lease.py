@@ -25,6 +25,7 @@ from operators.storage import write_text_atomic
 
 LEASE = "_lease.json"
 logger = logging.getLogger("corpus_embed")
+_HELD: set[str] = set()  # run ids whose leases this process holds now
 
 
 class LeaseError(RuntimeError):
@@ -58,6 +59,8 @@ def holder_alive(lease: dict, now: float | None = None) -> bool:
     if float(lease.get("expires_at", 0)) <= now:
         return False
     if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
+        if lease["pid"] == os.getpid():  # this process: live only while one of its runs holds it
+            return lease.get("run_id") in _HELD
         return _pid_alive(lease["pid"])
     return True
 
@@ -94,18 +97,25 @@ class Lease:
             except Exception:  # a missed renewal is retried; the lease lasts ttl
                 pass
 
-    def release(self) -> None:
+    def release(self, attempts: int = 3) -> None:
         self._stop.set()
+        _HELD.discard(self.run_id)
         if self._thread is not None:
             self._thread.join(timeout=5)
-        try:
-            current = read_lease(self.fs, self.root)
-            if current is not None and current.get("run_id") == self.run_id:
-                self.fs.rm(self.path)
-        except FileNotFoundError:
-            pass
-        except Exception as e:  # never hide the run's outcome: the lease then expires by itself
-            logger.warning("could not give back the lease %s (%s: %s); it expires in %.0f s", self.path, type(e).__name__, e, self.ttl)
+        for attempt in range(attempts):
+            try:
+                current = read_lease(self.fs, self.root)
+                if current is not None and current.get("run_id") == self.run_id:
+                    self.fs.rm(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except Exception as e:  # never hide the run's outcome: the lease then expires by itself
+                if attempt == attempts - 1:
+                    logger.warning("could not give back the lease %s (%s: %s); it expires in %.0f s",
+                                   self.path, type(e).__name__, e, self.ttl)
+                else:
+                    time.sleep(0.2 * (attempt + 1))
 
     def __enter__(self) -> "Lease":
         return self
@@ -120,11 +130,17 @@ def acquire_lease(fs, root: str, run_id: str, ttl: float, settle: float = 0.2) -
     if held is not None and held.get("run_id") != run_id and holder_alive(held):
         raise LeaseError(_busy(root, held))
     lease = Lease(fs, root, run_id, ttl)
-    fs.makedirs(root, exist_ok=True)
-    lease._write()
-    time.sleep(settle)
-    now = read_lease(fs, root)
+    _HELD.add(run_id)
+    try:
+        fs.makedirs(root, exist_ok=True)
+        lease._write()
+        time.sleep(settle)
+        now = read_lease(fs, root)
+    except BaseException:
+        lease.release()  # a lease half taken is given back
+        raise
     if now is None or now.get("run_id") != run_id:
+        _HELD.discard(run_id)
         raise LeaseError(_busy(root, now or {"run_id": "?"}))
     lease._thread = threading.Thread(target=lease._renew, name="corpus-embed-lease", daemon=True)
     lease._thread.start()

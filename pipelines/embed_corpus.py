@@ -362,17 +362,29 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.io_cpus})
     except Exception as e:  # keep what was committed: record it in the manifest, then fail
-        error = e
+        error = RunStopped.from_error(e)
     try:
         state = ray.get(coordinator.state.remote())
     except Exception as e:  # the coordinator died with its node: the footers say what was committed
         logger.warning("the commit coordinator was lost (%s); reading what was committed from the vector files", type(e).__name__)
         state = committed_from_footers(fs, out_dir, plan)
-        error = error or e
+        error = error or RunStopped.from_error(e)
     state["error"] = error
     if not error and not state["failed"] and fs.exists(staging_root):
         fs.rm(staging_root, recursive=True)
     return state
+
+
+class RunStopped(RuntimeError):
+    """Why the dataset stopped, as text. The original exception is logged and dropped: its
+    traceback holds the dataset's executor and with it the actor pools, whose CPUs would then
+    stay reserved for as long as anything (a caller catching the run's error) holds it."""
+
+    @classmethod
+    def from_error(cls, e: BaseException) -> "RunStopped":
+        logger.debug("the dataset stopped", exc_info=e)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return cls(redact_text(f"{type(e).__name__}: {first}"))
 
 
 def committed_from_footers(fs, out_dir: str, plan: Plan) -> dict:
@@ -544,7 +556,7 @@ def incomplete_message(state: dict, planned: int) -> str:
     ]
     shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
     err = state.get("error")
-    cause = f"\n  the run stopped early: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}" if err is not None else ""
+    cause = f"\n  the run stopped early: {err}" if err is not None else ""
     return redact_text(
         f"{len(state['committed'])} of {planned} shards committed (kept: a re-run skips them); "
         f"{len(state['failed']) + len(state['pending'])} not committed" + cause + "".join(f"\n  {p}" for p in shown)

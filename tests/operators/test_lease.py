@@ -59,3 +59,17 @@ def test_lease_on_s3(s3_bucket):
         acquire_lease(fs, root, "other", ttl=30)
     lease.release()
     assert read_lease(fs, root) is None
+
+
+def test_a_lease_this_process_no_longer_holds_is_taken_over(tmp_path):
+    """A run in this process that died without giving its lease back (its rm failed) does not
+    block the next run of the same process."""
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path / "out")
+    first = acquire_lease(fs, root, "crashed", ttl=3600, settle=0)
+    first._stop.set()
+    from operators import lease as lease_module
+
+    lease_module._HELD.discard("crashed")  # what release() does before its rm, which here "failed"
+    assert read_lease(fs, root)["run_id"] == "crashed"
+    acquire_lease(fs, root, "next", ttl=30, settle=0).release()
