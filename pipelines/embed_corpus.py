@@ -12,6 +12,7 @@ checked before Ray starts.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -363,6 +364,11 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.io_cpus})
     except Exception as e:  # keep what was committed: record it in the manifest, then fail
         error = RunStopped.from_error(e)
+    if error is not None:
+        # the failed dataset's frames and exceptions form reference cycles that keep its actor
+        # pools alive, CPUs reserved, until the cyclic collector runs: a run after this one in the
+        # same process (a retry loop, a service) would wait for them forever
+        gc.collect()
     try:
         state = ray.get(coordinator.state.remote())
     except Exception as e:  # the coordinator died with its node: the footers say what was committed

@@ -57,8 +57,9 @@ def ids_in(out: Path) -> list[str]:
 
 
 def test_every_catalogued_file_commits_alone_and_reconciles(ray_local, tmp_path, minilm_path):
-    """The whole bad-input catalogue in one corpus, with the real model: every shard commits (none
-    blocks another), each one's counts are what the catalogue says, rows in = written + rejected."""
+    """The whole bad-input catalogue in one corpus, through the real model: every shard commits
+    (none blocks another), each one's counts are what the catalogue says, rows in = written +
+    rejected."""
     folder = tmp_path / "in"
     folder.mkdir()
     cases = {c.name: c for c in file_cases()}
