@@ -6,8 +6,9 @@ that version; a nightly run on the same version replaces the rows of each shard 
 (delete where shard = name, then add the shard's rows) and removes the rows of deleted shards,
 so the table holds exactly the rows of the Parquet output, shard by shard: one row per id when
 ids are unique, and an id that two shards both hold (or one, under input.duplicate_ids=keep)
-as often as the Parquet holds it, each row with its own shard's vector. An ANN index (IVF_PQ, IVF_FLAT, IVF_HNSW_SQ, ...) is (re)built when configured and the
-table has at least `index.min_rows` rows, plus a scalar index on id for the merges.
+as often as the Parquet holds it, each row with its own shard's vector. An ANN index (IVF_PQ,
+IVF_FLAT, IVF_HNSW_SQ, ...) is (re)built when configured and the table has at least
+`index.min_rows` rows, plus scalar indexes on id (lookups) and shard (the per-shard deletes).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     from pipelines.embed_corpus import run
 
     tmp = Path(sys.argv[2])
-    for k in range(40):
+    for k in range(24):
         (tmp / "in").mkdir(exist_ok=True)
         (tmp / "in" / f"part-{k:03d}.jsonl").write_text(
             "".join(json.dumps({"id": f"{k}-{i}", "text": f"row {i} of shard {k}"}) + "\\n" for i in range(30)))
@@ -74,5 +74,5 @@ def test_worker_node_killed_mid_run(tmp_path):
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["coordinator_on_driver_node"] is True
     assert result["first"] in ("survived", "IncompleteShardError"), result  # never a raw actor error
-    assert result["rows"] == result["unique"] == 40 * 30  # exactly once, after the re-run
-    assert result["second_embedded"] + result["second_skipped"] == 40
+    assert result["rows"] == result["unique"] == 24 * 30  # exactly once, after the re-run
+    assert result["second_embedded"] + result["second_skipped"] == 24
