@@ -121,13 +121,13 @@ def test_throttled_reads_fail_only_their_shard_and_a_rerun_finishes(ray_local, t
 
 @pytest.mark.slow  # ~90 s of re-runs: `pytest -m slow -s -k random_s3_faults`; the throttle and 403 tests cover its paths in CI
 def test_random_s3_faults_lose_nothing(ray_local, tmp_path, s3_input, s3_endpoint):
-    """25% of GET/HEAD/PUT requests to S3 fail at random (throttling, 500, 503), for input and
-    output alike, with botocore allowed one retry, so that about 6% of requests fail through to
+    """30% of GET/HEAD/PUT requests to S3 fail at random (throttling, 500, 503), for input and
+    output alike, with botocore allowed one retry, so that about 9% of requests fail through to
     the pipeline (a listing, a read, a staged part, a commit, the lease, the manifest): re-runs
     until done commit every row exactly once."""
     bucket = s3_input
     out = f"s3://{bucket}/vectors"
-    with S3FaultProxy(s3_endpoint, random_faults(0.25, seed=3), max_faults=3000) as proxy:
+    with S3FaultProxy(s3_endpoint, random_faults(0.3, seed=3), max_faults=3000) as proxy:
         no_retries = "{config_kwargs: {retries: {max_attempts: 2}}}"
         opts = [f"input.storage.endpoint_url={proxy.url}", f"output.storage.endpoint_url={proxy.url}",
                 f"input.storage.options={no_retries}", f"output.storage.options={no_retries}"]
