@@ -376,6 +376,10 @@ def embed(cfg: PipelineConfig, plan: Plan, noop: bool = False) -> dict:
         state = committed_from_footers(fs, out_dir, plan)
         error = error or RunStopped.from_error(e)
     state["error"] = error
+    try:
+        ray.kill(coordinator)  # a named actor outlives its handle: end it with the run
+    except Exception:
+        pass
     if not error and not state["failed"] and fs.exists(staging_root):
         fs.rm(staging_root, recursive=True)
     return state
