@@ -15,7 +15,6 @@ Errors are sorted by what a re-run can do about them:
 
 from __future__ import annotations
 
-import bz2  # noqa: F401  (its errors are OSErrors; see is_data_error)
 import gzip
 import io
 import json

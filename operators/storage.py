@@ -83,6 +83,14 @@ def redact_text(text: str, *uris: str) -> str:
     return _BEARER.sub(r"\g<k>***", text)
 
 
+def glob_root(path: str) -> str | None:
+    """The folder a glob path lists under (the part before its first wildcard), or None when the
+    path has no wildcard."""
+    if not any(c in path for c in _GLOB_CHARS):
+        return None
+    return path[: min(path.index(c) for c in _GLOB_CHARS if c in path)].rsplit("/", 1)[0]
+
+
 def protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
@@ -207,8 +215,8 @@ def list_shards(uri: str, fmt: str, storage: StorageConfig) -> list[Shard]:
     """
     fs, path = get_fs(uri, storage)
     try:
-        if any(c in path for c in _GLOB_CHARS):
-            root = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)].rsplit("/", 1)[0]
+        if glob_root(path) is not None:
+            root = glob_root(path)
             infos = fs.glob(path, detail=True)
             infos = {p: i for p, i in infos.items() if i.get("type") != "directory"}
         elif fs.isdir(path):

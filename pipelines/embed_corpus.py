@@ -53,6 +53,7 @@ from operators.storage import (
     check_writable,
     file_fingerprint,
     get_fs,
+    glob_root,
     list_shards,
     protocol_of,
     redact_text,
@@ -189,15 +190,15 @@ def output_intact(entry: dict, info: dict) -> bool:
 
 def check_output_outside_input(cfg: PipelineConfig, out_uri: str) -> None:
     """Refuse an output folder inside the input folder: the next run would read its own vectors as input."""
-    in_fs, in_path = get_fs(cfg.input.uri, cfg.input.storage)
-    out_fs, out_path = get_fs(out_uri, cfg.output.storage)
     if protocol_of(cfg.input.uri) != protocol_of(out_uri):
         return
-    root = in_path
-    if any(c in root for c in "*?["):
-        root = root[: min(root.index(c) for c in "*?[" if c in root)].rsplit("/", 1)[0]
-    elif not in_fs.isdir(root):
-        return  # one file: a sibling output folder is never listed
+    in_fs, in_path = get_fs(cfg.input.uri, cfg.input.storage)
+    _, out_path = get_fs(out_uri, cfg.output.storage)
+    root = glob_root(in_path)
+    if root is None:
+        if not in_fs.isdir(in_path):
+            return  # one file: a sibling output folder is never listed
+        root = in_path
     norm = (lambda p: os.path.realpath(p)) if protocol_of(out_uri) == "file" else (lambda p: p.rstrip("/"))
     root, out = norm(root), norm(out_path)
     if out == root or out.startswith(root.rstrip("/") + "/"):
