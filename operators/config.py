@@ -17,10 +17,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from operators.pooling import POOLING, POOLING_NAMES
+from operators.postprocess import STEP_TYPES, RemoveTopPCs, Step, Whiten
+
 InputFormat = Literal["auto", "jsonl", "parquet", "text"]
-Pooling = Literal[
-    "cls", "cls_pooler", "mean", "max", "last_token", "mask_token", "encoder_first", "encoder_mean", "decoder_first"
-]
+Pooling = Literal[POOLING_NAMES]  # the table in operators/pooling.py
 ModelDtype = Literal["float32", "bfloat16", "float16"]
 OutputDtype = Literal["float32", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -137,23 +138,25 @@ class ExtractionConfig(_Strict):
 
     @model_validator(mode="after")
     def _coherent(self) -> "ExtractionConfig":
-        if self.pooling in ("cls", "cls_pooler") and self.exclude_special_tokens:
+        mode = POOLING[self.pooling]
+        if mode.reads_cls and self.exclude_special_tokens:
             raise ValueError(
                 f"pooling={self.pooling} reads the [CLS] special token, so "
                 "exclude_special_tokens must be false (or use pooling: mean/max)"
             )
         if self.template is not None and self.template.count("{text}") != 1:
             raise ValueError("extraction.template must contain {text} exactly once, e.g. 'This sentence : \"{text}\" means in one word:\"'")
-        if self.pooling == "mask_token" and "[MASK]" not in (self.template or ""):
+        if mode.needs_mask_template and "[MASK]" not in (self.template or ""):
             raise ValueError(
                 "pooling=mask_token reads the [MASK] position of a prompt: set extraction.template, e.g. "
                 "'This sentence : \"{text}\" means [MASK] .' (PromptBERT)"
             )
         if self.exclude_instruction and not (self.instruction or self.demonstrations):
             raise ValueError("exclude_instruction is set but there is no extraction.instruction or demonstrations")
-        if self.exclude_instruction and self.pooling not in ("mean", "max", "encoder_mean"):
-            raise ValueError(f"exclude_instruction applies to mean/max pooling, not pooling={self.pooling}")
-        if self.pooling == "cls_pooler" and tuple(self.layers) != (-1,):
+        if self.exclude_instruction and not mode.excludes_instruction:
+            allowed = ", ".join(n for n, m in POOLING.items() if m.excludes_instruction)
+            raise ValueError(f"exclude_instruction applies to pooling {allowed}, not pooling={self.pooling}")
+        if mode.needs_pooler and tuple(self.layers) != (-1,):
             raise ValueError(
                 "pooling=cls_pooler applies the model's pooler to the last layer; "
                 "set extraction.layers: [-1] (or use pooling: cls for other layers)"
@@ -224,9 +227,6 @@ class EvalConfig(_Strict):
     chunk: int = Field(8192, ge=1)  # texts embedded per cached chunk: the unit of resume after a crash
 
 
-POSTPROCESS_STEPS = ("whiten", "remove_top_pcs", "zscore", "normalize")
-
-
 class GateConfig(_Strict):
     """Quality gate: after the run, score the config on these evaluation tasks (eval.data_dir) and
     fail before publishing when a score is below its floor."""
@@ -279,13 +279,8 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _steps(self) -> "PipelineConfig":
-        steps = self.postprocess_steps()
-        for s in steps:
-            if s["op"] not in POSTPROCESS_STEPS:
-                raise ValueError(f"postprocess: unknown step {s['op']!r}; valid: {', '.join(POSTPROCESS_STEPS)}")
-            if s["op"] == "remove_top_pcs" and not isinstance(s.get("d"), int):
-                raise ValueError("postprocess: remove_top_pcs needs a count, e.g. {remove_top_pcs: 1}")
-        if any(s["op"] != "normalize" for s in steps) and not self.whitening.artifact:
+        steps = self.postprocess_steps()  # raises ValueError for an unknown or malformed step
+        if any(s.fitted for s in steps) and not self.whitening.artifact:
             raise ValueError("postprocess: whiten, remove_top_pcs and zscore need whitening.artifact (fit it with pipelines/fit_whitening.py)")
         if self.whitening.method == "zca" and self.whitening.k is not None:
             raise ValueError("whitening.k applies to method=pca; zca keeps every dimension")
@@ -296,21 +291,30 @@ class PipelineConfig(_Strict):
         """Rows per embedding actor call: ray.batch_size, else one read block (input.rows_per_block)."""
         return self.ray.batch_size or self.input.rows_per_block
 
-    def postprocess_steps(self) -> list[dict]:
-        """The chain as dicts, whitening's settings folded into its step."""
+    def postprocess_steps(self) -> list[Step]:
+        """The chain as typed steps, whitening's settings folded into its step."""
         raw = self.postprocess if self.postprocess is not None else (("whiten",) if self.whitening.artifact else ())
-        steps = []
+        steps: list[Step] = []
         for item in raw:
             if isinstance(item, str):
-                step = {"op": item}
+                op, value = item, None
             elif len(item) == 1:
                 (op, value), = item.items()
-                step = {"op": op, "d": value}
             else:
                 raise ValueError(f"postprocess: each step is a name or a one-key mapping, got {item}")
-            if step["op"] == "whiten":
-                step.update(k=self.whitening.k, method=self.whitening.method, eps=self.whitening.eps)
-            steps.append(step)
+            if op not in STEP_TYPES:
+                raise ValueError(f"postprocess: unknown step {op!r}; valid: {', '.join(STEP_TYPES)}")
+            if op == "remove_top_pcs":
+                if not isinstance(value, int):
+                    raise ValueError("postprocess: remove_top_pcs needs a count, e.g. {remove_top_pcs: 1}")
+                steps.append(RemoveTopPCs(value))
+            elif value is not None:
+                raise ValueError(f"postprocess: {op} takes no value, got {item}")
+            elif op == "whiten":
+                w = self.whitening
+                steps.append(Whiten(k=w.k, method=w.method, eps=w.eps))
+            else:
+                steps.append(STEP_TYPES[op]())
         return steps
 
 

@@ -16,9 +16,10 @@ import torch
 
 from operators.extraction import pool
 from operators.models import local_source
-from operators.postprocess import FITTED, PostProcessor, load_artifact
+from operators.pooling import POOLING
+from operators.postprocess import Moments, PostProcessor, load_artifact, moments_row, output_dimension
 from operators.tokenize import EmbedSpec, Encoded, TextEncoder, batch_encoding
-from operators.vectors import ARROW_FLOATS, bucket, forward_batch_size, output_dimension, output_schema, vector_table
+from operators.vectors import ARROW_FLOATS, Embedded, bucket, device_type, forward_batch_size, output_schema, vector_table
 
 __all__ = ["ARROW_FLOATS", "EmbedSpec", "Embedder", "output_schema", "pick_device"]
 
@@ -26,7 +27,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+    if device_type(requested, torch.cuda.is_available()) == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("model.device=cuda but no CUDA device is visible to this actor")
         return torch.device("cuda")
@@ -81,21 +82,22 @@ class Embedder:
         if spec.model.attn_implementation != "auto":
             kwargs["attn_implementation"] = spec.model.attn_implementation
         # T5 modes that only read the encoder load the encoder alone (half the weights).
-        encoder_only = r.family == "encoder_decoder" and spec.extraction.pooling != "decoder_first"
+        self.mode = POOLING[spec.extraction.pooling]
+        encoder_only = r.family == "encoder_decoder" and self.mode.states != "decoder"
         loader = AutoModelForTextEncoding if encoder_only else AutoModel
         self.model = loader.from_pretrained(source, dtype=TORCH_DTYPES[spec.model.dtype], **kwargs)
         self.model.to(self.device).eval()
         self.takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
         if spec.postprocess:
             fit = None
-            if any(s["op"] in FITTED for s in spec.postprocess):
+            if any(s.fitted for s in spec.postprocess):
                 from operators.storage import get_fs
 
                 fs, path = get_fs(spec.artifact, spec.artifact_storage)
                 fit = load_artifact(fs, path)[0]
             self.post = PostProcessor(list(spec.postprocess), fit).to(self.device)
-        self.pooler = getattr(self.model, "pooler", None) if spec.extraction.pooling == "cls_pooler" else None
-        if spec.extraction.pooling == "cls_pooler" and self.pooler is None:
+        self.pooler = getattr(self.model, "pooler", None) if self.mode.needs_pooler else None
+        if self.mode.needs_pooler and self.pooler is None:
             raise RuntimeError(f"pooling=cls_pooler: {type(self.model).__name__} has no pooler module")
         self.projection = load_projection(source, r.projection, self.device) if r.projection else None
 
@@ -109,7 +111,7 @@ class Embedder:
         """The hidden states pooling reads, per model family."""
         family = self.spec.resolved.family
         kw = dict(output_hidden_states=need_all_layers, return_dict=True)
-        if family == "encoder_decoder" and self.spec.extraction.pooling == "decoder_first":
+        if family == "encoder_decoder" and self.mode.states == "decoder":
             # Sentence-T5's ST-Dec: the decoder sees only its start token.
             n = inputs["input_ids"].shape[0]
             start = torch.full((n, 1), self.model.config.decoder_start_token_id, device=self.device)
@@ -144,24 +146,24 @@ class Embedder:
         return {k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(self.device, non_blocking=pin) for k, v in arrays.items()}
 
     @torch.inference_mode()
-    def embed_encoded(self, enc: Encoded, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(embeddings float32 [n, d], n_tokens int32 [n], truncated bool [n], padded_tokens int32 [n])
-        for `n` texts, in input order. Windows go through the model in length-bucketed batches."""
+    def embed_encoded(self, enc: Encoded, n: int) -> Embedded:
+        """The vectors and counts of `n` texts, in input order. Windows go through the model in
+        length-bucketed batches."""
         ex = self.spec.extraction
         lengths = enc.lengths
         batches, n_tokens, padded_tokens = bucket(enc, n, self.spec.model.max_batch_tokens, self.batch_size)
         out = np.zeros((n, self.dimension), dtype=np.float32)
         if not len(lengths):
-            return out, n_tokens, enc.truncated.copy(), padded_tokens
+            return Embedded(out, n_tokens, enc.truncated.copy(), padded_tokens)
         need_all_layers = set(ex.layers) != {-1}
         pooled = []
         for idx in batches:
             inputs = self.pad(enc, idx)
             hidden = self.forward(inputs, need_all_layers)
             mask = inputs["attention_mask"]
-            if self.spec.resolved.family == "encoder_decoder" and ex.pooling == "decoder_first":
+            if self.spec.resolved.family == "encoder_decoder" and self.mode.states == "decoder":
                 mask = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
-            target = inputs["input_ids"] == self.tokenizer.mask_token_id if ex.pooling == "mask_token" else None
+            target = inputs["input_ids"] == self.tokenizer.mask_token_id if self.mode.needs_mask_template else None
             pooled.append(pool(
                 hidden, mask, pooling=ex.pooling, layers=ex.layers, exclude_mask=inputs.get("exclude_mask"),
                 target_mask=target, pooler=self.pooler,
@@ -180,18 +182,31 @@ class Embedder:
         if self.post is not None:  # on the model's device
             vecs = self.post(vecs)
         out[:] = vecs.float().cpu().numpy()
-        return out, n_tokens, enc.truncated.copy(), padded_tokens
+        return Embedded(out, n_tokens, enc.truncated.copy(), padded_tokens)
 
-    def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(embeddings float32 [n, d], n_tokens int32 [n], truncated bool [n]) in input order."""
-        vecs, ntok, cut, _ = self.embed_encoded(self.encoder.encode(texts), len(texts))
-        return vecs, ntok, cut
+    def embed_texts(self, texts: list[str]) -> Embedded:
+        """The vectors and counts of `texts`, in input order."""
+        return self.embed_encoded(self.encoder.encode(texts), len(texts))
 
-    def embed_batch(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(rows embedded, and embed_encoded's four arrays for them) for a read or tokenized batch."""
+    def embed_batch(self, batch: pa.Table) -> Embedded:
+        """The vectors and counts of a read or tokenized batch's embeddable rows (`.rows`)."""
         rows, enc = batch_encoding(batch, lambda: self.encoder)
-        return (rows, *self.embed_encoded(enc, len(rows)))
+        embedded = self.embed_encoded(enc, len(rows))
+        embedded.rows = rows
+        return embedded
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows, vecs, ntok, cut, pad = self.embed_batch(batch)
-        return vector_table(batch, rows, vecs, ntok, cut, pad, self.schema)
+        return vector_table(batch, self.embed_batch(batch), self.schema)
+
+
+class EmbeddingMoments:
+    """The whitening fit's operator: embed a batch (raw extraction) and return its mergeable
+    moments as one row: n, and sum x and sum x x^T as float64 bytes (d and d x d values, shipped
+    as one buffer each, not as Python lists)."""
+
+    def __init__(self, spec: EmbedSpec):
+        self.embedder = Embedder(spec)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        m = Moments.of(self.embedder.embed_batch(batch).vectors)
+        return moments_row(m)

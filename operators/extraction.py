@@ -33,11 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-POOLING_MODES = (
-    "cls", "cls_pooler", "mean", "max", "last_token", "mask_token", "encoder_first", "encoder_mean", "decoder_first",
-)
-# What the T5 modes compute over the hidden states the caller hands in.
-T5_MODES = {"encoder_first": "cls", "encoder_mean": "mean", "decoder_first": "cls"}
+from operators.pooling import POOLING
 
 
 def average_layers(hidden_states: Sequence[torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
@@ -93,9 +89,9 @@ def pool(
         exclude_mask: tokens (batch x seq) left out of mean/max pooling, e.g. an instruction.
         target_mask: the [MASK] position(s) for pooling="mask_token".
     """
-    if pooling not in POOLING_MODES:
-        raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLING_MODES)}")
-    pooling = T5_MODES.get(pooling, pooling)
+    if pooling not in POOLING:
+        raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLING)}")
+    pooling = POOLING[pooling].reduces  # the T5 modes reduce the states the caller hands in like cls/mean
     h = average_layers(hidden_states, layers)
     if pooling == "last_token":
         rows = torch.arange(h.shape[0], device=h.device)

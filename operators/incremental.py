@@ -128,6 +128,19 @@ def publish(fs, root: str, version: str, run_id: str, fingerprint: str) -> dict:
     return current
 
 
+def publish_version(cfg, plan, run_id: str) -> tuple[bool, str | None]:
+    """With output.versioned, point CURRENT.json at this run's version. Returns (published, the
+    version published before, if any)."""
+    from operators.storage import get_fs
+
+    if not plan.version:
+        return False, None
+    fs, root = get_fs(cfg.output.uri, cfg.output.storage)
+    previous = read_current(fs, root)
+    publish(fs, root, plan.version, run_id, plan.config_fingerprint)
+    return True, previous and previous.get("version")
+
+
 def append_run_log(fs, root: str, entry: dict) -> None:
     """Append one JSON line to `_runs/runs.jsonl` (rewritten whole: object stores cannot append)."""
     path = posixpath.join(root, RUNS_DIR, RUN_LOG)

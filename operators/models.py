@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from operators.config import ConfigError, ExtractionConfig, ModelConfig, StorageConfig
+from operators.pooling import FAMILY_NAMES, POOLING, modes_for
 
 PACKAGE_SCHEME = "package://"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -68,12 +69,6 @@ DECODER_TYPES = {
     "gemma", "gemma2", "gemma3_text", "falcon", "bloom", "olmo", "olmo2", "stablelm", "starcoder2", "smollm3",
 }
 ENCODER_DECODER_TYPES = {"t5", "mt5", "umt5", "longt5"}
-FAMILY_NAMES = {"encoder": "a BERT-style encoder", "encoder_decoder": "a T5-style encoder-decoder", "decoder": "a decoder-only"}
-MODES_BY_FAMILY = {
-    "encoder": ("cls", "cls_pooler", "mean", "max", "mask_token", "last_token"),
-    "encoder_decoder": ("encoder_first", "encoder_mean", "decoder_first"),
-    "decoder": ("last_token", "mean", "max"),
-}
 
 
 def model_family(hf_config) -> str:
@@ -328,19 +323,20 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
                 f"valid indices are 0..{n_states - 1} (0 = embeddings) or -{n_states}..-1"
             )
     family = model_family(hf_config)
-    allowed = MODES_BY_FAMILY[family]
-    if extraction.pooling not in allowed:
+    allowed = modes_for(family)
+    mode = POOLING[extraction.pooling]
+    if family not in mode.families:
         raise ConfigError(
             f"extraction.pooling={extraction.pooling} does not fit {name}, {FAMILY_NAMES[family]} model "
             f"({hf_config.model_type}); for it use one of: {', '.join(allowed)}"
         )
     archs = getattr(hf_config, "architectures", None) or []
-    if extraction.pooling == "decoder_first" and archs and all(a.endswith("EncoderModel") for a in archs):
+    if mode.states == "decoder" and archs and all(a.endswith("EncoderModel") for a in archs):
         raise ConfigError(
             f"extraction.pooling=decoder_first: {name} ships only an encoder ({', '.join(archs)}); "
             "use encoder_mean or encoder_first, or a full encoder-decoder checkpoint such as t5-base"
         )
-    if extraction.pooling == "mask_token" and tokenizer.mask_token is None:
+    if mode.needs_mask_template and tokenizer.mask_token is None:
         raise ConfigError(
             f"extraction.pooling=mask_token: the tokenizer of {name} has no mask token, so a [MASK] template "
             "cannot work; use a masked-LM encoder (BERT, RoBERTa) or pooling: last_token with a PromptEOL template"
@@ -355,7 +351,7 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
         if projection["in"] != int(dimension):
             raise ConfigError(f"model.name: the Dense layer takes {projection['in']} dims but the model gives {dimension}")
         dimension = projection["out"]
-    if extraction.pooling == "cls_pooler":
+    if mode.needs_pooler:
         has = _has_pooler_weights(folder)
         if has is False:
             raise ConfigError(

@@ -1,5 +1,6 @@
 """Post-processing fitted at corpus scale: whitening, removing top principal components, z-score,
-L2 normalisation. Pure numpy (fitting) and torch (applying); no Ray.
+L2 normalisation. Pure numpy (the steps, fitting, artifacts) and torch (applying, imported only by
+`PostProcessor`, on the embedding actors); no Ray.
 
 Fitting keeps only mergeable moments: the count n, the sum s = sum_i x_i and the sum of outer
 products P = sum_i x_i x_i^T, in float64. Partitions merge by adding them, so memory is O(d^2)
@@ -23,13 +24,71 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Union
 
 import numpy as np
-import torch
 
-STEPS = ("whiten", "remove_top_pcs", "zscore", "normalize")
-FITTED = {"whiten", "remove_top_pcs", "zscore"}
+
+# -- the steps ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Whiten:
+    k: int | None = None  # dimensions kept (pca); None: all
+    method: str = "pca"  # pca | zca
+    eps: float = 1e-6  # eigenvalue floor, relative to the largest
+    op: ClassVar[str] = "whiten"
+    fitted: ClassVar[bool] = True
+
+    def dimension(self, d: int) -> int:
+        return int(self.k) if self.method == "pca" and self.k else d
+
+
+@dataclass(frozen=True)
+class RemoveTopPCs:
+    d: int  # principal components removed
+    op: ClassVar[str] = "remove_top_pcs"
+    fitted: ClassVar[bool] = True
+
+    def dimension(self, d: int) -> int:
+        return d
+
+
+@dataclass(frozen=True)
+class ZScore:
+    op: ClassVar[str] = "zscore"
+    fitted: ClassVar[bool] = True
+    eps: ClassVar[float] = 1e-12
+
+    def dimension(self, d: int) -> int:
+        return d
+
+
+@dataclass(frozen=True)
+class Normalize:
+    op: ClassVar[str] = "normalize"
+    fitted: ClassVar[bool] = False
+
+    def dimension(self, d: int) -> int:
+        return d
+
+
+Step = Union[Whiten, RemoveTopPCs, ZScore, Normalize]
+STEP_TYPES: dict[str, type] = {t.op: t for t in (Whiten, RemoveTopPCs, ZScore, Normalize)}
+STEPS = tuple(STEP_TYPES)
+
+
+def step_json(step: Step) -> dict:
+    """The step as its provenance records it (and the config fingerprint hashes): {"op": ..., fields}."""
+    return {"op": step.op, **asdict(step)}
+
+
+def output_dimension(steps, d: int) -> int:
+    """The vectors' dimension after `steps` (PCA whitening to k keeps k)."""
+    for s in steps:
+        d = s.dimension(d)
+    return d
 
 
 class ArtifactError(RuntimeError):
@@ -65,6 +124,26 @@ class Moments:
         return (cov + cov.T) / 2
 
 
+def moments_row(m: Moments):
+    """One Arrow row for `m`: its sums as raw float64 buffers (d and d x d values)."""
+    import pyarrow as pa
+
+    return pa.table({
+        "n": pa.array([m.n], pa.int64()),
+        "sum": pa.array([np.ascontiguousarray(m.sum, dtype=np.float64).tobytes()], pa.binary()),
+        "outer": pa.array([np.ascontiguousarray(m.outer, dtype=np.float64).tobytes()], pa.binary()),
+    })
+
+
+def merge_moment_tables(tables, d: int) -> Moments:
+    """The sum of every row of `tables` (moments_row's layout), one table at a time: O(d^2) memory."""
+    total = Moments.zeros(d)
+    for t in tables:
+        for n, s, o in zip(t.column("n").to_pylist(), t.column("sum").to_pylist(), t.column("outer").to_pylist()):
+            total = total.merge(Moments(int(n), np.frombuffer(s, dtype=np.float64), np.frombuffer(o, dtype=np.float64).reshape(d, d)))
+    return total
+
+
 @dataclass
 class Fit:
     """mu and the eigendecomposition of Sigma: everything the fitted steps need."""
@@ -92,49 +171,49 @@ class Fit:
         return w @ self.eigvecs[:, :k].T if method == "zca" else w
 
 
-class PostProcessor(torch.nn.Module):
-    """Applies an ordered chain of steps on the device the vectors are on."""
+class PostProcessor:
+    """Applies an ordered chain of steps, in torch, on the device the vectors are on."""
 
-    def __init__(self, steps: list[dict], fit: Fit | None):
-        super().__init__()
+    def __init__(self, steps, fit: Fit | None):
+        import torch
+
+        tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
         self.ops: list[tuple[str, dict]] = []
         for step in steps:
-            op = step["op"]
-            if op in FITTED and fit is None:
-                raise ArtifactError(f"post-processing step {op} needs a fitted artifact (whitening.artifact)")
-            mean = None if fit is None else torch.tensor(fit.mean, dtype=torch.float32)
-            if op == "whiten":
-                w = fit.whitening_matrix(step.get("k"), step.get("method", "pca"), step.get("eps", 1e-6))
-                self.ops.append((op, {"mean": mean, "w": torch.tensor(w, dtype=torch.float32)}))
-            elif op == "remove_top_pcs":
-                u = torch.tensor(fit.eigvecs[:, : int(step["d"])], dtype=torch.float32)
-                self.ops.append((op, {"mean": mean, "u": u}))
-            elif op == "zscore":
-                std = torch.tensor(np.sqrt(fit.variances + step.get("eps", 1e-12)), dtype=torch.float32)
-                self.ops.append((op, {"mean": mean, "std": std}))
-            elif op == "normalize":
-                self.ops.append((op, {}))
+            if step.fitted and fit is None:
+                raise ArtifactError(f"post-processing step {step.op} needs a fitted artifact (whitening.artifact)")
+            mean = None if fit is None else tensor(fit.mean)
+            if isinstance(step, Whiten):
+                self.ops.append((step.op, {"mean": mean, "w": tensor(fit.whitening_matrix(step.k, step.method, step.eps))}))
+            elif isinstance(step, RemoveTopPCs):
+                self.ops.append((step.op, {"mean": mean, "u": tensor(fit.eigvecs[:, : int(step.d)])}))
+            elif isinstance(step, ZScore):
+                self.ops.append((step.op, {"mean": mean, "std": tensor(np.sqrt(fit.variances + step.eps))}))
+            elif isinstance(step, Normalize):
+                self.ops.append((step.op, {}))
             else:
-                raise ValueError(f"unknown post-processing step {op!r}; valid: {', '.join(STEPS)}")
+                raise ValueError(f"unknown post-processing step {step!r}; valid: {', '.join(STEPS)}")
 
-    def to(self, device):  # noqa: D401 - keep tensors with the model
+    def to(self, device) -> "PostProcessor":
         self.ops = [(op, {k: v.to(device) for k, v in p.items()}) for op, p in self.ops]
         return self
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        for op, p in self.ops:
-            if op == "whiten":
-                x = (x - p["mean"]) @ p["w"]
-            elif op == "remove_top_pcs":
-                c = x - p["mean"]
-                x = c - (c @ p["u"]) @ p["u"].T
-            elif op == "zscore":
-                x = (x - p["mean"]) / p["std"]
-            else:
-                x = torch.nn.functional.normalize(x, p=2, dim=-1)
-        return x
+    def __call__(self, x):
+        import torch
+
+        with torch.no_grad():
+            x = x.float()
+            for op, p in self.ops:
+                if op == "whiten":
+                    x = (x - p["mean"]) @ p["w"]
+                elif op == "remove_top_pcs":
+                    c = x - p["mean"]
+                    x = c - (c @ p["u"]) @ p["u"].T
+                elif op == "zscore":
+                    x = (x - p["mean"]) / p["std"]
+                else:
+                    x = torch.nn.functional.normalize(x, p=2, dim=-1)
+            return x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ config fingerprint: the extraction fingerprint plus the post-processing chain, t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from operators import __version__
 from operators.config import PipelineConfig, fingerprint
 from operators.models import ResolvedModel
-from operators.postprocess import ArtifactError, Fit, load_artifact
-from operators.vectors import output_dimension
+from operators.postprocess import ArtifactError, Fit, Normalize, RemoveTopPCs, Whiten, load_artifact, output_dimension, step_json
 
 
 def extraction_identity(cfg: PipelineConfig, resolved: ResolvedModel) -> dict:
@@ -25,14 +26,23 @@ def extraction_identity(cfg: PipelineConfig, resolved: ResolvedModel) -> dict:
     }
 
 
-def check_artifact(cfg: PipelineConfig, resolved: ResolvedModel) -> tuple[Fit | None, dict | None, str | None]:
+@dataclass(frozen=True)
+class Artifact:
+    """A whitening artifact checked against the config that applies it."""
+
+    fit: Fit
+    metadata: dict
+    sha256: str
+
+
+def check_artifact(cfg: PipelineConfig, resolved: ResolvedModel) -> Artifact | None:
     """Load the whitening artifact the config names and refuse one fitted for another model or
-    extraction config. (None, None, None) when the chain needs no artifact."""
+    extraction config. None when the chain needs no artifact."""
     from operators.storage import get_fs
 
     steps = cfg.postprocess_steps()
-    if not any(s["op"] != "normalize" for s in steps):
-        return None, None, None
+    if not any(s.fitted for s in steps):
+        return None
     fs, path = get_fs(cfg.whitening.artifact, cfg.whitening.storage)
     fit, meta, sha = load_artifact(fs, path)
     want = fingerprint(extraction_identity(cfg, resolved))
@@ -45,11 +55,11 @@ def check_artifact(cfg: PipelineConfig, resolved: ResolvedModel) -> tuple[Fit | 
         )
     d = len(fit.mean)
     for s in steps:
-        if s["op"] == "whiten" and s.get("k") and s["k"] > d:
-            raise ArtifactError(f"whitening.k={s['k']} exceeds the embedding dimension {d}")
-        if s["op"] == "remove_top_pcs" and not 0 < s["d"] < d:
-            raise ArtifactError(f"postprocess: remove_top_pcs={s['d']} must be between 1 and {d - 1}")
-    return fit, meta, sha
+        if isinstance(s, Whiten) and s.k and s.k > d:
+            raise ArtifactError(f"whitening.k={s.k} exceeds the embedding dimension {d}")
+        if isinstance(s, RemoveTopPCs) and not 0 < s.d < d:
+            raise ArtifactError(f"postprocess: remove_top_pcs={s.d} must be between 1 and {d - 1}")
+    return Artifact(fit, meta, sha)
 
 
 def build_provenance(cfg: PipelineConfig, resolved: ResolvedModel, artifact_sha: str | None) -> tuple[dict, str]:
@@ -58,7 +68,7 @@ def build_provenance(cfg: PipelineConfig, resolved: ResolvedModel, artifact_sha:
     config = dict(
         identity,
         extraction_fingerprint=fingerprint(identity),
-        postprocess=steps,
+        postprocess=[step_json(s) for s in steps],
         whitening_artifact=None if artifact_sha is None else {"uri": cfg.whitening.artifact, "sha256": artifact_sha},
         output_dtype=cfg.output.dtype,
     )
@@ -69,7 +79,7 @@ def build_provenance(cfg: PipelineConfig, resolved: ResolvedModel, artifact_sha:
         package_version=__version__,
         model_type=resolved.model_type,
         dimension=output_dimension(steps, resolved.dimension),
-        normalized=bool(steps[-1]["op"] == "normalize") if steps else cfg.extraction.normalize,
+        normalized=isinstance(steps[-1], Normalize) if steps else cfg.extraction.normalize,
         config_fingerprint=fp,
     )
     return provenance, fp

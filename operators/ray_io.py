@@ -1,5 +1,6 @@
 """Ray Data adapters for the readers and writers: a Datasource with one read task per shard,
 and a Datasink that stages parts and commits each shard as soon as all its rows have arrived.
+`operators.execution` is what uses them.
 
 Rows of one input shard can reach the sink through several write tasks (Ray Data re-batches
 between operators), so a small coordinator actor counts the rows staged per shard; the write
@@ -9,6 +10,8 @@ run, and a run killed mid-way keeps every shard it had committed.
 
 from __future__ import annotations
 
+import logging
+import posixpath
 import uuid
 from typing import Iterable
 
@@ -21,8 +24,10 @@ from ray.data.datasource import Datasink, Datasource, ReadTask
 from operators.config import InputConfig, StorageConfig
 from operators.incremental import mark_reuse, read_previous
 from operators.readers import READ_SCHEMA, read_shard
-from operators.storage import Shard, get_fs, redact_text
-from operators.writers import DuplicateIdError, Part, ShardStats, commit_shard, stage_part
+from operators.storage import Shard, file_fingerprint, get_fs, redact_text
+from operators.writers import DuplicateIdError, Part, RunStopped, ShardStats, WriteOutcome, commit_shard, read_provenance, stage_part
+
+logger = logging.getLogger("corpus_embed")
 
 
 class ShardDatasource(Datasource):
@@ -135,7 +140,12 @@ def start_coordinator(expected: list[str]):
 
 
 class ShardedParquetSink(Datasink[list]):
-    """Stages each block's rows per shard under `_staging/<run_id>/` and commits complete shards."""
+    """Stages each block's rows per shard under `_staging/<run_id>/` and commits complete shards.
+
+    Its hooks keep the run's bookkeeping, on the driver: on_write_start clears the parts of dead
+    runs (the caller holds the output's lease), on_write_complete and on_write_failed take the
+    coordinator's final state into `outcome` (or rebuild it from the vector files' footers when
+    the coordinator was lost) and end the coordinator; a clean run removes its staging folder."""
 
     def __init__(
         self,
@@ -158,9 +168,61 @@ class ShardedParquetSink(Datasink[list]):
         self.dimension = dimension
         self.value_type = value_type
         self.provenance = provenance
+        self.outcome: WriteOutcome | None = None  # set on the driver by the completion hooks
 
     def get_name(self) -> str:
         return "WriteVectorShards"
+
+    @property
+    def staging_root(self) -> str:
+        return posixpath.dirname(self.staging_dir.rstrip("/"))
+
+    def on_write_start(self, schema=None) -> None:
+        fs, _ = get_fs(self.output_uri, self.storage)
+        if fs.exists(self.staging_root):  # a dead run's parts, never committed
+            fs.rm(self.staging_root, recursive=True)
+
+    def on_write_complete(self, write_result) -> None:
+        self.outcome = self._collect(None)
+        if not self.outcome.failed and not self.outcome.pending:
+            fs, _ = get_fs(self.output_uri, self.storage)
+            if fs.exists(self.staging_root):
+                fs.rm(self.staging_root, recursive=True)
+
+    def on_write_failed(self, error: Exception) -> None:
+        self.outcome = self._collect(RunStopped.from_error(error))
+
+    def _collect(self, error: RunStopped | None) -> WriteOutcome:
+        try:
+            state = ray.get(self.coordinator.state.remote())
+            outcome = WriteOutcome(state["committed"], state["failed"], state["pending"], error)
+        except Exception as e:  # the coordinator died with its node: the footers say what was committed
+            logger.warning("the commit coordinator was lost (%s); reading what was committed from the vector files", type(e).__name__)
+            outcome = self.committed_from_footers()
+            outcome.error = error or RunStopped.from_error(e)
+        try:
+            ray.kill(self.coordinator)  # a named actor outlives its handle: end it with the run
+        except Exception:
+            pass
+        return outcome
+
+    def committed_from_footers(self) -> WriteOutcome:
+        """The coordinator's state rebuilt from the output: each planned shard whose vector file's
+        footer carries this config and this input fingerprint was committed by this run."""
+        fs, out_dir = get_fs(self.output_uri, self.storage)
+        outcome = WriteOutcome()
+        for shard, plan in self.plans.items():
+            path = posixpath.join(out_dir, plan.output)
+            meta = read_provenance(fs, path) or {}
+            if meta.get("config_fingerprint") == plan.config_fingerprint and meta.get("input", {}).get("fingerprint") == plan.input_fingerprint:
+                stats = ShardStats(**plan.to_json())
+                for k, v in meta.get("counts", {}).items():
+                    setattr(stats, k, v)
+                stats.output_fingerprint = file_fingerprint(fs.info(path))
+                outcome.committed[shard] = stats.to_json()
+            else:
+                outcome.failed[shard] = "not committed: the run lost its commit coordinator; re-run to finish it"
+        return outcome
 
     def write(self, blocks: Iterable[Block], ctx) -> list:
         fs, out_dir = get_fs(self.output_uri, self.storage)

@@ -42,6 +42,16 @@ READ_SCHEMA = pa.schema(
     ]
 )
 RAW_PREVIEW_CHARS = 300
+
+
+def text_rows(ids: list[str], texts: list[str], shard: str = "texts") -> pa.Table:
+    """In-memory texts as READ_SCHEMA rows (evaluation, fits): all embeddable, no eof row."""
+    n = len(texts)
+    return pa.table(
+        {"id": ids, "text": texts, "shard": [shard] * n, "line": list(range(1, n + 1)), "reason": [None] * n,
+         "raw": [None] * n, "eof": [False] * n},
+        schema=READ_SCHEMA,
+    )
 SHARD_FAILED = "shard failed"  # the reason an eof row carries when the shard could not be read
 _BOM = b"\xef\xbb\xbf"
 

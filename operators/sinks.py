@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from operators.config import LanceDBSinkConfig
+from operators.config import ConfigError, LanceDBSinkConfig
 
 
 class SinkError(RuntimeError):
@@ -81,6 +81,29 @@ def connect(cfg: LanceDBSinkConfig):
         raise SinkError("sinks.lancedb needs the lancedb package: pip install 'corpus-embed[lancedb]'") from e
     options = dict(cfg.storage_options)
     return lancedb.connect(cfg.uri, storage_options=options or None)
+
+
+def check_sinks(cfg) -> None:
+    """Before any work: a configured sink's package must be installed."""
+    if cfg.sinks.lancedb.uri:
+        try:
+            import lancedb  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("sinks.lancedb.uri is set but lancedb is not installed: pip install 'corpus-embed[lancedb]'") from e
+
+
+def feed_sinks(cfg, plan, outcome, entries: dict, dimension: int, previous_version: str | None) -> dict | None:
+    """Bring every configured vector store in line with the output folder; their stats, or None."""
+    if not cfg.sinks.lancedb.uri:
+        return None
+    from operators.storage import get_fs
+
+    fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
+    rebuild = bool(plan.version) and previous_version != plan.version  # a new version: a fresh table
+    return {"lancedb": sync_lancedb(
+        cfg.sinks.lancedb, fs, out_dir, sorted(e["output"] for e in entries.values()),
+        [s["output"] for s in outcome.committed.values()], plan.deleted, dimension, rebuild,
+    )}
 
 
 def sync_lancedb(

@@ -37,7 +37,7 @@ class EmbedSpec:
     resolved: ResolvedModel
     output_dtype: str = "float32"
     num_threads: int | None = None  # torch intra-op threads on CPU; None: leave torch's default
-    postprocess: tuple[dict, ...] = ()  # PipelineConfig.postprocess_steps()
+    postprocess: tuple = ()  # PipelineConfig.postprocess_steps(): typed steps (operators.postprocess)
     artifact: str | None = None  # whitening artifact URI, when a step needs it
     artifact_storage: StorageConfig = field(default_factory=StorageConfig)
 

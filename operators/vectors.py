@@ -8,13 +8,29 @@ nor a model, so a no-op run measures what reading, tokenizing, Ray and writing c
 
 from __future__ import annotations
 
+import os
+import sys
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 
+from operators.postprocess import output_dimension
 from operators.tokenize import EmbedSpec, Encoded, TextEncoder, batch_encoding, plan_batches
 
 ARROW_FLOATS = {"float32": pa.float32(), "float16": pa.float16()}
 PASSTHROUGH = ("id", "shard", "line", "reason", "raw", "eof")
+
+
+@dataclass
+class Embedded:
+    """A model's output for n texts (or, from `embed_batch`, for a batch's embeddable `rows`)."""
+
+    vectors: np.ndarray  # float32 [n, d], in input order
+    n_tokens: np.ndarray  # int32 [n]: tokens fed to the model, special tokens included
+    truncated: np.ndarray  # bool [n]: longer than max_length and cut
+    padded_tokens: np.ndarray  # int32 [n]: n_tokens plus the padding its forward batches added
+    rows: np.ndarray | None = None  # the batch rows these are for (rejected, eof and reused rows left out)
 
 
 def output_schema(dimension: int, output_dtype: str = "float32") -> pa.Schema:
@@ -36,12 +52,21 @@ def output_schema(dimension: int, output_dtype: str = "float32") -> pa.Schema:
     )
 
 
-def output_dimension(steps: list[dict], d: int) -> int:
-    """The vectors' dimension after the post-processing `steps` (PCA whitening to k keeps k)."""
-    for s in steps:
-        if s["op"] == "whiten" and s.get("method", "pca") == "pca" and s.get("k"):
-            d = int(s["k"])
-    return d
+def cuda_visible() -> bool:
+    """Whether this process sees a CUDA device, without importing torch where it is not loaded
+    (Ray gives each actor CUDA_VISIBLE_DEVICES for the GPUs it reserved)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return env.strip() not in ("", "-1")
+    return os.path.exists("/dev/nvidia0")
+
+
+def device_type(requested: str, cuda: bool) -> str:
+    """The device a model actor runs on: model.device, with auto -> cuda when one is visible."""
+    return "cuda" if requested == "cuda" or (requested == "auto" and cuda) else "cpu"
 
 
 def forward_batch_size(spec: EmbedSpec, cuda: bool) -> int:
@@ -62,9 +87,11 @@ def bucket(enc: Encoded, n: int, max_tokens: int, max_rows: int) -> tuple[list[n
     return batches, n_tokens, padded_tokens
 
 
-def vector_table(batch: pa.Table, rows: np.ndarray, vecs: np.ndarray, ntok: np.ndarray, cut: np.ndarray, pad: np.ndarray, schema: pa.Schema) -> pa.Table:
-    """The output batch: every input row, in order, with the vectors and counts of `rows` (the
-    rows embedded) and a null embedding elsewhere (rejected, end-of-shard, reused rows)."""
+def vector_table(batch: pa.Table, embedded: Embedded, schema: pa.Schema) -> pa.Table:
+    """The output batch: every input row, in order, with the vectors and counts of `embedded.rows`
+    and a null embedding elsewhere (rejected, end-of-shard, reused rows)."""
+    rows, vecs = embedded.rows, embedded.vectors
+    ntok, cut, pad = embedded.n_tokens, embedded.truncated, embedded.padded_tokens
     n = batch.num_rows
     dimension = schema.field("embedding").type.list_size
     value_type = schema.field("embedding").type.value_type
@@ -92,7 +119,8 @@ class NoopEmbedder:
 
     def __init__(self, spec: EmbedSpec):
         self.spec = spec
-        self.batch_size = forward_batch_size(spec, spec.model.device == "cuda")
+        # the same device rule as the model actor's, so the padding counts match a real run's
+        self.batch_size = forward_batch_size(spec, device_type(spec.model.device, cuda_visible()) == "cuda")
         self.dimension = output_dimension(list(spec.postprocess), spec.resolved.dimension)
         self.schema = output_schema(self.dimension, spec.output_dtype)
         self._encoder: TextEncoder | None = None  # only for batches that arrive untokenized
@@ -105,4 +133,4 @@ class NoopEmbedder:
         rows, enc = batch_encoding(batch, self._text_encoder)
         _, ntok, pad = bucket(enc, len(rows), self.spec.model.max_batch_tokens, self.batch_size)
         vecs = np.zeros((len(rows), self.dimension), dtype=np.float32)
-        return vector_table(batch, rows, vecs, ntok, enc.truncated, pad, self.schema)
+        return vector_table(batch, Embedded(vecs, ntok, enc.truncated, pad, rows), self.schema)

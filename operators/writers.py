@@ -14,6 +14,7 @@ from the reader's end-of-shard row): rows in = rows written + rows rejected, or 
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import time
 import uuid
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from operators import __version__
 from operators.config import redact
 from operators.incremental import fill_reused, read_previous
-from operators.storage import commit_file, file_fingerprint, write_text_atomic
+from operators.storage import commit_file, file_fingerprint, redact_text, write_text_atomic
 
 METADATA_KEY = b"corpus_embed"
 MANIFEST = "manifest.json"
@@ -83,6 +84,33 @@ class ShardStats:
 
 # The per-shard counts a commit records (Parquet footer, manifest) and a run sums.
 COUNT_KEYS = ("rows_in", "rows_written", "rows_rejected", "rows_truncated", "tokens", "padded_tokens", "rows_reused", "rows_duplicate")
+
+
+class RunStopped(RuntimeError):
+    """Why a dataset stopped, as text. The original exception is logged and dropped: its traceback
+    holds the dataset's executor and with it the actor pools, whose CPUs would then stay reserved
+    for as long as anything (a caller catching the run's error) holds it."""
+
+    @classmethod
+    def from_error(cls, e: BaseException) -> "RunStopped":
+        logging.getLogger("corpus_embed").debug("the dataset stopped", exc_info=e)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return cls(redact_text(f"{type(e).__name__}: {first}"))
+
+
+@dataclass
+class WriteOutcome:
+    """What a write of many shards left: committed (shard uri -> ShardStats JSON), failed (uri ->
+    why), pending (uri -> rows staged and expected when it stopped), and why it stopped, if it did."""
+
+    committed: dict[str, dict] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    pending: dict[str, dict] = field(default_factory=dict)
+    error: RunStopped | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None and not self.failed and not self.pending
 
 
 def vector_schema(dimension: int, value_type: pa.DataType) -> pa.Schema:

@@ -6,7 +6,6 @@ and AWS_* pointing at the moto server (the standard AWS environment, no config c
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -15,7 +14,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def _free_port() -> int:
@@ -40,13 +38,15 @@ os.environ.pop("RAY_ADDRESS", None)
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.helpers import save_tiny  # noqa: E402  (after the environment: it imports the operators)
+
 
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
 
     from operators.config import load_config
-    from pipelines.embed_corpus import init_ray
+    from operators.execution import init_ray
 
     init_ray(load_config(None, ["ray.num_cpus=2"]))  # the pipeline's own local cluster, on 2 CPUs
     yield ray
@@ -100,33 +100,10 @@ def tiny_bert(tmp_path_factory, minilm_path) -> str:
     return str(folder)
 
 
-def write_jsonl(path: Path, rows: list) -> Path:
-    """Rows are dicts (JSON-encoded) or raw lines (str/bytes written verbatim)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        for row in rows:
-            if isinstance(row, bytes):
-                f.write(row + b"\n")
-            elif isinstance(row, str):
-                f.write(row.encode() + b"\n")
-            else:
-                f.write(json.dumps(row).encode() + b"\n")
-    return path
 
 
-def sample_sentences(n: int) -> list[str]:
-    """Real English sentences from the bundled sample corpus."""
-    lines = (REPO / "configs" / "sample_corpus" / "part-000.jsonl").read_text().splitlines()
-    texts = [json.loads(line)["text"] for line in lines]
-    return (texts * (n // len(texts) + 1))[:n]
 
 
-def _save_tiny(folder, model, tokenizer_path) -> str:
-    from transformers import AutoTokenizer
-
-    model.eval().save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +115,7 @@ def tiny_t5(tmp_path_factory, minilm_path) -> str:
     torch.manual_seed(1)
     cfg = T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=102)
-    return _save_tiny(tmp_path_factory.mktemp("tiny-t5"), T5Model(cfg), minilm_path)
+    return save_tiny(tmp_path_factory.mktemp("tiny-t5"), T5Model(cfg), minilm_path)
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +126,7 @@ def tiny_llama(tmp_path_factory, minilm_path) -> str:
     torch.manual_seed(2)
     cfg = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
-    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM(cfg), minilm_path)
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM(cfg), minilm_path)
 
 
 @pytest.fixture(scope="session")
@@ -160,4 +137,4 @@ def tiny_opt(tmp_path_factory, minilm_path) -> str:
     torch.manual_seed(3)
     cfg = OPTConfig(vocab_size=30522, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                     word_embed_proj_dim=32, max_position_embeddings=256, pad_token_id=0)
-    return _save_tiny(tmp_path_factory.mktemp("tiny-opt"), OPTForCausalLM(cfg), minilm_path)
+    return save_tiny(tmp_path_factory.mktemp("tiny-opt"), OPTForCausalLM(cfg), minilm_path)

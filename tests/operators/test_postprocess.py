@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from operators.postprocess import ArtifactError, Fit, Moments, PostProcessor, load_artifact, save_artifact
+from operators.postprocess import (
+    ArtifactError, Fit, Moments, Normalize, PostProcessor, RemoveTopPCs, Whiten, ZScore, load_artifact, save_artifact,
+)
 
 
 @pytest.fixture
@@ -48,7 +50,7 @@ def test_whitening_matches_a_direct_numpy_computation(data):
 @pytest.mark.parametrize("k", [None, 8])
 def test_whitened_fit_data_has_zero_mean_and_identity_covariance(data, k):
     fit = Fit.from_moments(Moments.of(data))
-    out = apply([{"op": "whiten", "k": k}], fit, data)
+    out = apply([Whiten(k=k)], fit, data)
     dim = k or 16
     assert out.shape == (len(data), dim)
     np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-3)  # tolerance: float32 application
@@ -59,7 +61,7 @@ def test_zca_keeps_the_basis_and_whitens(data):
     fit = Fit.from_moments(Moments.of(data))
     w = fit.whitening_matrix(method="zca")
     np.testing.assert_allclose(w, w.T, atol=1e-10)
-    out = apply([{"op": "whiten", "method": "zca"}], fit, data)
+    out = apply([Whiten(method="zca")], fit, data)
     np.testing.assert_allclose(np.cov(out, rowvar=False), np.eye(16), atol=1e-3)
 
 
@@ -70,23 +72,23 @@ def test_eigenvalue_floor_keeps_near_singular_spectra_finite():
     assert fit.eigvals[4:].max() < 1e-10 * fit.eigvals[0]
     w = fit.whitening_matrix(eps=1e-6)
     assert np.isfinite(w).all() and np.abs(w).max() < 1e4 / np.sqrt(fit.eigvals[0])
-    out = apply([{"op": "whiten", "k": 4}], fit, low_rank)
+    out = apply([Whiten(k=4)], fit, low_rank)
     np.testing.assert_allclose(np.cov(out, rowvar=False), np.eye(4), atol=1e-3)
 
 
 def test_remove_top_pcs_zscore_normalize(data):
     fit = Fit.from_moments(Moments.of(data))
-    out = apply([{"op": "remove_top_pcs", "d": 3}], fit, data)
+    out = apply([RemoveTopPCs(3)], fit, data)
     np.testing.assert_allclose(out @ fit.eigvecs[:, :3], 0, atol=1e-3)
     centered = data - data.mean(axis=0)
     top = fit.eigvecs[:, :3]
     np.testing.assert_allclose(out, centered - centered @ top @ top.T, atol=1e-3)
-    z = apply([{"op": "zscore"}, {"op": "normalize"}], fit, data)
+    z = apply([ZScore(), Normalize()], fit, data)
     want = (data - data.mean(0)) / data.std(0, ddof=1)
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     np.testing.assert_allclose(z, want, atol=1e-5)
     with pytest.raises(ArtifactError, match="needs a fitted artifact"):
-        PostProcessor([{"op": "whiten"}], None)
+        PostProcessor([Whiten()], None)
 
 
 def test_artifact_round_trip_and_refusals(tmp_path, data):

@@ -14,32 +14,7 @@ import zstandard
 from operators.config import InputConfig
 from operators.readers import SHARD_FAILED, is_data_error, read_shard
 from operators.storage import InputError, detect_format, list_shards
-from tests.catalogue import AT_LEAST, RECORDS, file_cases
-from tests.conftest import write_jsonl
-
-BAD_JSONL = [
-    {"id": "a", "text": "A fine sentence."},
-    '{"id": "b", "text": "unterminated',  # malformed JSON
-    {"id": "c", "text": None},  # null
-    {"id": "d", "text": 42},  # non-string
-    {"id": "e", "text": "   "},  # empty after strip
-    {"id": "f", "body": "wrong field"},  # missing text field
-    b'{"id": "g", "text": "caf\xe9"}',  # latin-1 byte: not UTF-8
-    "[1, 2, 3]",  # not an object
-    "",  # blank line
-    {"text": "no id here"},  # derived id
-    {"id": 7, "text": "numeric id"},
-]
-EXPECTED_REASONS = {
-    2: "malformed JSON",
-    3: "null text",
-    4: "non-string text (int)",
-    5: "empty text",
-    6: "missing field 'text'",
-    7: "undecodable bytes",
-    8: "not a JSON object (list)",
-    9: "empty line",
-}
+from tests.helpers import AT_LEAST, BAD_JSONL, EXPECTED_REASONS, RECORDS, file_cases, write_jsonl
 
 
 def read_all(shard, cfg) -> pa.Table:

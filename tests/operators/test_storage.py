@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from operators.config import InputConfig, StorageConfig, redact, resolved_config_text, load_config
+from operators.config import InputConfig, StorageConfig, load_config, redact, resolved_config_text
 from operators.storage import Shard, UnsafePathError, confined_path, list_shards, redact_text
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 
 @pytest.mark.parametrize(

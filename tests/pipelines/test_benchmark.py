@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipelines.benchmark import main
-from pipelines.embed_corpus import ActorPlan, actor_plan, estimated_blocks
+from operators.execution import ActorPlan, actor_plan, estimated_blocks
 
 REPORT_KEYS = {
     "pipeline_rows_per_s", "baseline_rows_per_s", "noop_rows_per_s", "padding_efficiency", "peak_rss_bytes", "device",

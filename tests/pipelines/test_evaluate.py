@@ -7,16 +7,16 @@ import json
 
 import numpy as np
 import pytest
+from operators.eval_data import EvalDataError, read_pairs
 from scipy.stats import spearmanr
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import v_measure_score
 from sklearn.preprocessing import StandardScaler
 
-from operators.benchmarks import BenchmarkError, read_pairs
 from operators.metrics import classification_accuracy, clustering_v_measure, sts_spearman
 from pipelines import evaluate
-from tests.conftest import REPO, SHARED_DATA, sample_sentences
+from tests.helpers import REPO, SHARED_DATA, sample_sentences
 
 
 def test_metrics_against_sklearn_and_scipy():
@@ -99,10 +99,10 @@ def test_comparison_of_two_configs(ray_local, tmp_path, tiny_bert):
 
 def test_missing_and_malformed_benchmarks_name_file_and_line(tmp_path, capsys):
     (tmp_path / "bad.tsv").write_text("score\tsentence1\tsentence2\n1.0\ta\tb\nnot-a-number\tc\td\n")
-    with pytest.raises(BenchmarkError, match=r"bad.tsv:3: score 'not-a-number'"):
+    with pytest.raises(EvalDataError, match=r"bad.tsv:3: score 'not-a-number'"):
         read_pairs(str(tmp_path / "bad.tsv"))
     (tmp_path / "short.tsv").write_text("score\tsentence1\tsentence2\n1.0\tonly two\n")
-    with pytest.raises(BenchmarkError, match=r"short.tsv:2: expected 3 tab-separated columns, got 2"):
+    with pytest.raises(EvalDataError, match=r"short.tsv:2: expected 3 tab-separated columns, got 2"):
         read_pairs(str(tmp_path / "short.tsv"))
     assert evaluate.main(["--set", f"eval.data_dir={tmp_path}", "--set", "eval.tasks=[sts/stsb]", "--output", str(tmp_path / "o")]) == 2
     assert "stsb.test.tsv: benchmark file not found" in capsys.readouterr().err

@@ -16,8 +16,7 @@ from operators.models import resolve_model
 from operators.postprocess import load_artifact
 from operators.readers import read_fit_corpus
 from pipelines import embed_corpus, fit_whitening
-from tests.conftest import SHARED_DATA
-from tests.pipelines.test_embed_corpus import make_corpus, read_vectors
+from tests.helpers import SHARED_DATA, make_corpus, read_vectors
 
 WIKI = str(SHARED_DATA / "wikitext-2" / "wiki.*.raw")
 N = 400
@@ -44,7 +43,7 @@ def test_fit_equals_numpy_on_the_same_embeddings(fitted):
     assert summary["count"] == N and summary["dimension"] == 32
     texts = read_fit_corpus(WIKI, "sentences", N, StorageConfig())
     embedder = Embedder(EmbedSpec.from_config(cfg, resolve_model(cfg.model, cfg.extraction), postprocess=False))
-    x, _, _ = embedder.embed_texts(texts)
+    x = embedder.embed_texts(texts).vectors
     fit, meta, sha = load_artifact(fsspec.filesystem("file"), cfg.whitening.artifact)
     assert sha == summary["sha256"] and meta["corpus"]["source"] == WIKI and meta["count"] == N
     np.testing.assert_allclose(fit.mean, x.mean(axis=0), atol=1e-6)
@@ -53,7 +52,7 @@ def test_fit_equals_numpy_on_the_same_embeddings(fitted):
 
     # applied: the fit corpus comes out with mean ~0 and covariance ~I
     white = Embedder(EmbedSpec.from_config(cfg, resolve_model(cfg.model, cfg.extraction)))
-    y, _, _ = white.embed_texts(texts)
+    y = white.embed_texts(texts).vectors
     np.testing.assert_allclose(y.mean(axis=0), 0, atol=1e-3)
     # The final LayerNorm (unit scale, zero shift at init) makes every vector sum to ~0, so one
     # eigenvalue is ~0: the floor keeps that direction at ~0 instead of blowing it up.
@@ -68,7 +67,7 @@ def test_corpus_pipeline_applies_the_artifact_and_records_it(fitted):
     make_corpus(tmp / "in", shards=1, rows=20)
     run_cfg = load_config(None, sets(tmp, cfg.model.name, "extraction.normalize=false", "whitening.k=8"))
     result = embed_corpus.run(run_cfg)
-    assert result["rows_written"] == 20
+    assert result.counts.rows_written == 20
     vectors = read_vectors(fsspec.filesystem("file"), str(tmp / "out"))
     assert all(v.shape == (8,) for v in vectors.values())
     (shard,) = (tmp / "out").glob("*.parquet")

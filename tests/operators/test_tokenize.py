@@ -18,28 +18,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from operators.config import ConfigError, ExtractionConfig, ModelConfig
-from operators.embed import Embedder, EmbedSpec
-from operators.models import resolve_model
+from operators.config import ConfigError
+from operators.embed import Embedder
 from operators.tokenize import TOKEN_COLUMNS, PortableTokenizer, TextEncoder, decode_tokens, load_tokenizer, plan_batches, tokenize_batch
 from operators.vectors import NoopEmbedder
-from tests.conftest import sample_sentences
-from tests.operators.test_embed import batch
+from tests.helpers import batch, spec_for, texts_of_mixed_length
 
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
 
 
-def spec_for(name, *, dtype="float32", batch_size=None, max_batch_tokens=16384, model_kw=None, **ex):
-    model = ModelConfig(name=name, dtype=dtype, batch_size=batch_size, max_batch_tokens=max_batch_tokens, **(model_kw or {}))
-    extraction = ExtractionConfig(**ex)
-    return EmbedSpec(model, extraction, resolve_model(model, extraction))
 
 
-def texts_of_mixed_length(n=120):
-    base = sample_sentences(n)
-    # lengths from 1 word to well past a 64-token budget: buckets of very different widths
-    return [" ".join([t] * (1 + i % 4)) if i % 7 else t.split()[0] for i, t in enumerate(base)]
 
 
 @pytest.mark.parametrize(
@@ -63,8 +53,9 @@ def test_bucketed_batches_equal_each_text_alone(minilm_path, dtype):
     texts = texts_of_mixed_length()
     fast = Embedder(spec_for(minilm_path, dtype=dtype, batch_size=32, max_batch_tokens=512, pooling="mean", normalize=True))
     alone = Embedder(spec_for(minilm_path, dtype=dtype, batch_size=1, pooling="mean", normalize=True))
-    got, n_tokens, _, padded = fast.embed_encoded(fast.encoder.encode(texts), len(texts))
-    want = np.stack([alone.embed_texts([t])[0][0] for t in texts])
+    out = fast.embed_encoded(fast.encoder.encode(texts), len(texts))
+    got, n_tokens, padded = out.vectors, out.n_tokens, out.padded_tokens
+    want = np.stack([alone.embed_texts([t]).vectors[0] for t in texts])
     assert np.abs(got - want).max() <= TOLERANCE[dtype]
     assert (padded >= n_tokens).all() and padded.sum() > n_tokens.sum()  # some padding happened, and was counted
     assert n_tokens.sum() / padded.sum() > 0.8  # sorted buckets keep most of each batch real
@@ -96,7 +87,7 @@ def test_windows_survive_the_tokenize_stage(tiny_bert):
     assert np.bincount(enc.owner).tolist()[0] > 1 and np.bincount(enc.owner).tolist()[1] == 1
     e = Embedder(spec)
     got = np.stack(e(tokenized).column("embedding").to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(got, e.embed_texts(texts)[0], atol=1e-6)
+    np.testing.assert_allclose(got, e.embed_texts(texts).vectors, atol=1e-6)
 
 
 def test_exclusion_masks_survive_the_tokenize_stage(tiny_bert):
@@ -105,7 +96,7 @@ def test_exclusion_masks_survive_the_tokenize_stage(tiny_bert):
     tokenized = tokenize_batch(batch(texts), spec)
     e = Embedder(spec)
     got = np.stack(e(tokenized).column("embedding").to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(got, e.embed_texts(texts)[0], atol=1e-6)
+    np.testing.assert_allclose(got, e.embed_texts(texts).vectors, atol=1e-6)
     n_excluded = [sum(x) for x in tokenized.column("exclude").to_pylist()]
     n_instr = len(e.tokenizer("Represent this: ", add_special_tokens=False)["input_ids"])
     assert n_excluded == [n_instr + 2] * 2  # the instruction, [CLS] and [SEP]
@@ -248,8 +239,8 @@ def test_decoder_left_padding_in_buckets_equals_alone(tiny_llama):
     texts = ["a b", "a much longer text than the first", "mid length text"]
     fast = Embedder(spec_for(tiny_llama, model_kw={"padding_side": "left"}, pooling="last_token"))
     alone = Embedder(spec_for(tiny_llama, batch_size=1, pooling="last_token"))
-    got = fast.embed_texts(texts)[0]
-    want = np.stack([alone.embed_texts([t])[0][0] for t in texts])
+    got = fast.embed_texts(texts).vectors
+    want = np.stack([alone.embed_texts([t]).vectors[0] for t in texts])
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 

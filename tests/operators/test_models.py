@@ -1,4 +1,5 @@
-"""A model folder on object storage (moto S3) is copied once per node and loads like a local one."""
+"""A model folder on object storage (moto S3) is copied once per node and loads like a local one.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def test_model_from_s3_uri_matches_the_local_folder(s3_bucket, tiny_bert, tmp_pa
     copies = list((tmp_path / "cache" / "models").glob("*/.complete"))
     assert len(copies) == 1
     texts = ["a remote model", "loads like a local one"]
-    got = Embedder(EmbedSpec(remote, ex, resolved)).embed_texts(texts)[0]
-    want = Embedder(EmbedSpec(ModelConfig(name=tiny_bert), ex, local)).embed_texts(texts)[0]
+    got = Embedder(EmbedSpec(remote, ex, resolved)).embed_texts(texts).vectors
+    want = Embedder(EmbedSpec(ModelConfig(name=tiny_bert), ex, local)).embed_texts(texts).vectors
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert len(list((tmp_path / "cache" / "models").glob("*/.complete"))) == 1  # the actor reused the copy
 

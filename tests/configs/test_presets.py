@@ -1,5 +1,6 @@
 """Model presets: each is a complete config citing its source; the offline-loadable ones run.
-The real SmolLM2 PromptEOL preset goes through the whole pipeline on local Ray."""
+The real SmolLM2 PromptEOL preset goes through the whole pipeline on local Ray.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import pytest
 from operators.config import REPO_ROOT, load_config
 from operators.models import resolve_model
 from pipelines.embed_corpus import run
-from tests.conftest import write_jsonl
-from tests.pipelines.test_embed_corpus import read_vectors
+from tests.helpers import read_vectors, write_jsonl
 
 PRESETS = sorted((REPO_ROOT / "configs" / "models").glob("*.yaml"))
 OFFLINE = {"all-minilm-l6-v2.yaml", "smollm2-135m-prompteol.yaml"}
@@ -47,7 +47,7 @@ def test_smollm2_prompteol_through_the_pipeline(ray_local, tmp_path):
         [f"input.uri={tmp_path / 'in'}", f"output.uri={tmp_path / 'out'}"],
     )
     summary = run(cfg)
-    assert summary["rows_written"] == 6
+    assert summary.counts.rows_written == 6
     import fsspec
 
     v = read_vectors(fsspec.filesystem("file"), str(tmp_path / "out"))

@@ -8,7 +8,7 @@ The layout is that of shared/data (any local path or fsspec URI with the same la
         mr, cr, subj, mpqa (10-fold CV); trec.{train,test}, sst2.{train,test},
         banking77.{train,test} (given splits); stackoverflow, banking77.test, agnews.test (clustering)
 
-A missing file or a malformed row raises BenchmarkError naming the file and line.
+A missing file or a malformed row raises EvalDataError naming the file and line.
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ ALL_TASKS = (
 )
 
 
-class BenchmarkError(ValueError):
+class EvalDataError(ValueError):
     """A benchmark file that is missing or malformed; the message names the file and line."""
+
+
+BenchmarkError = EvalDataError  # the earlier name
 
 
 @dataclass
@@ -72,20 +75,20 @@ def _rows(uri: str, columns: tuple[str, ...]) -> list[list[str]]:
     try:
         f = fsspec.open(uri, "rt", encoding="utf-8", newline="").open()
     except FileNotFoundError as e:
-        raise BenchmarkError(f"{uri}: benchmark file not found (check eval.data_dir and the layout in the README)") from e
+        raise EvalDataError(f"{uri}: benchmark file not found (check eval.data_dir and the layout in the README)") from e
     with f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
         if header is None:
-            raise BenchmarkError(f"{uri}:1: empty file")
+            raise EvalDataError(f"{uri}:1: empty file")
         missing = [c for c in columns if c not in header]
         if missing:
-            raise BenchmarkError(f"{uri}:1: header lacks {', '.join(missing)} (has {', '.join(header)})")
+            raise EvalDataError(f"{uri}:1: header lacks {', '.join(missing)} (has {', '.join(header)})")
         idx = [header.index(c) for c in columns]
         out = []
         for line, row in enumerate(reader, start=2):
             if len(row) != len(header):
-                raise BenchmarkError(f"{uri}:{line}: expected {len(header)} tab-separated columns, got {len(row)}")
+                raise EvalDataError(f"{uri}:{line}: expected {len(header)} tab-separated columns, got {len(row)}")
             out.append([row[i] for i in idx])
     return out
 
@@ -97,7 +100,7 @@ def read_pairs(uri: str) -> Pairs:
         try:
             gold.append(float(r[0]))
         except ValueError:
-            raise BenchmarkError(f"{uri}:{line}: score {r[0]!r} is not a number") from None
+            raise EvalDataError(f"{uri}:{line}: score {r[0]!r} is not a number") from None
     return Pairs([r[1] for r in rows], [r[2] for r in rows], np.asarray(gold))
 
 
@@ -114,7 +117,7 @@ def read_labelled(uri: str, label: str, text_cols: tuple[str, ...] = ("text",)) 
     texts = [" ".join(t for t in r[1:] if t) for r in rows]
     for line, t in enumerate(texts, start=2):
         if not t.strip():
-            raise BenchmarkError(f"{uri}:{line}: empty text")
+            raise EvalDataError(f"{uri}:{line}: empty text")
     return texts, np.asarray([r[0] for r in rows])
 
 

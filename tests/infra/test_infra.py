@@ -1,5 +1,6 @@
 """The deployment files in infra/: they parse, run the real entrypoint with a real config, carry
-the settings a nightly cluster run needs, and hold no secrets."""
+the settings a nightly cluster run needs, and hold no secrets.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from operators.config import load_config
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 INFRA = REPO / "infra"
 KUBERAY = sorted((INFRA / "kuberay").glob("*.yaml"))

@@ -1,0 +1,275 @@
+"""The execution adapter: the one place an operator becomes a Ray Data stage with its resources.
+
+Every pipeline, the benchmark and the tests run on Ray through these calls:
+
+    init_ray(cfg)                                   a local cluster, or the one RAY_ADDRESS names
+    read_shards(cfg, plan) / read_tables(blocks)    one read task per shard / in-memory rows
+    tokenize(ds, cfg, prepared, inputs=...)         a small CPU pool holding the tokenizer
+    embed(ds, cfg, prepared, operator, blocks=...)  the model actor pool (GPU when present)
+    write_shards(ds, cfg, plan, prepared)           stage and commit one vector shard per input shard
+
+The operators themselves (`embed.Embedder`, `vectors.NoopEmbedder`, `embed.EmbeddingMoments`,
+`tokenize.TextEncoder`) know nothing of Ray. The model operators are named here by module and
+class and imported on the actors, so the driver never imports torch.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+from operators.config import PipelineConfig
+from operators.models import ResolvedModel
+from operators.storage import Shard, get_fs
+
+logger = logging.getLogger("corpus_embed")
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local" always starts a fresh cluster, even if a `ray start` head runs on this machine.
+        # Idle worker processes are kept (Ray's default keeps one per CPU and kills the rest after
+        # 1 s idle): a run's actors take workers from the pool, and the read/write tasks after them
+        # would otherwise start fresh Python processes mid-run, ~1 s of CPU each.
+        cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                 _system_config={"num_workers_soft_limit": 2 * cpus + 4})
+
+
+# -- sizing -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """The embedding actor pool: its bounds and each actor's resources."""
+
+    min_size: int
+    max_size: int
+    num_cpus: float  # Ray's reservation per actor
+    num_gpus: float
+    threads: int | None  # torch threads per CPU actor; None on GPU
+    # calls queued per actor. On CPU a call takes seconds: a second one queued behind it would wait
+    # while another actor idles. None on GPU: Ray's default keeps the device fed.
+    tasks_in_flight: int | None = None
+
+
+def actor_plan(cfg: PipelineConfig, resolved: ResolvedModel) -> ActorPlan:
+    """Size the embedding actor pool for the cluster (every `ray.*` setting left at None is chosen here).
+
+    GPU cluster: a model under 1B parameters gets half a GPU, so two actors overlap their host work
+    on one device; the pool grows from 1 to GPUs / gpus_per_actor as the autoscaler adds GPUs.
+    CPU: a fixed pool of single-threaded actors, one per core (at most 8 per node, then threads per
+    actor grow): single-threaded actors lose only their own slice when another process takes a
+    core, where a multi-threaded forward stalls at every barrier (BENCHMARKS.md has the figures).
+    Ray reserves half a CPU per thread, so reads, tokenization and writes still get scheduled, and
+    the actors start with the run instead of joining it mid-way."""
+    import ray
+
+    r = cfg.ray
+    gpus = r.gpus_per_actor
+    if gpus is None:
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        gpus = (0.5 if (resolved.parameters or 0) < 1e9 else 1) if has_gpu else 0
+    if gpus:
+        size = r.max_actors or max(1, int(ray.cluster_resources().get("GPU", 0) / gpus))
+        return ActorPlan(min(r.min_actors or 1, size), size, r.cpus_per_actor or 1.0, gpus, None)
+    nodes = [int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")] or [1]
+    threads = r.threads_per_actor or (max(1, max(nodes) // r.max_actors) if r.max_actors else max(1, max(nodes) // 8))
+    size = r.max_actors or sum(max(1, c // threads) for c in nodes)
+    return ActorPlan(min(r.min_actors or size, size), size, r.cpus_per_actor or threads / 2, 0, threads, tasks_in_flight=1)
+
+
+def estimated_blocks(shard: Shard, rows_per_block: int) -> int:
+    """An upper bound on the read blocks of a shard, from its size: rows of at least 32 bytes
+    uncompressed, or 4 compressed."""
+    per_row = 4 if shard.compression else 32
+    return max(1, -(-int(shard.fingerprint.get("size") or 0) // (rows_per_block * per_row)))
+
+
+def read_tasks(cfg: PipelineConfig) -> int:
+    import ray
+
+    return cfg.ray.read_tasks or max(2, int(ray.cluster_resources().get("CPU", 1)) // 4)
+
+
+# -- the model operators, imported on the actors -------------------------------------------------
+
+
+class ModelActor:
+    """A model operator built on the actor from its module and class name: the driver pickles
+    this stub, never the module, so it imports neither torch nor the model code."""
+
+    target: tuple[str, str] = ("", "")
+
+    def __init__(self, spec):
+        module, name = self.target
+        self.operator = getattr(importlib.import_module(module), name)(spec)
+
+    def __call__(self, batch):
+        return self.operator(batch)
+
+
+class Embed(ModelActor):
+    """embed.Embedder: the model, extraction and post-processing."""
+
+    target = ("operators.embed", "Embedder")
+
+
+class NoopEmbed(ModelActor):
+    """vectors.NoopEmbedder: zero vectors, the data path's ceiling."""
+
+    target = ("operators.vectors", "NoopEmbedder")
+
+
+class EmbedMoments(ModelActor):
+    """embed.EmbeddingMoments: one row of whitening moments per batch."""
+
+    target = ("operators.embed", "EmbeddingMoments")
+
+
+OPERATORS = {"embed": Embed, "noop": NoopEmbed, "moments": EmbedMoments}
+
+
+# -- the stages ---------------------------------------------------------------------------------
+
+
+def read_shards(cfg: PipelineConfig, plan):
+    """One read task per shard of `plan.todo`, no re-splitting; changed shards carry their previous
+    vector file, whose ids and content hashes mark the rows to reuse."""
+    import ray
+
+    from operators.ray_io import ShardDatasource
+
+    previous = {s.uri: posixpath.join(plan.out_uri, s.output_name) for s in plan.todo if s.rel in plan.changed}
+    return ray.data.read_datasource(
+        ShardDatasource(plan.todo, cfg.input, previous, cfg.output.storage), num_cpus=cfg.ray.io_cpus,
+        override_num_blocks=len(plan.todo), concurrency=min(read_tasks(cfg), len(plan.todo)),
+    )
+
+
+def read_tables(blocks: list):
+    """In-memory Arrow tables as a Dataset, one block each (evaluation and fit rows)."""
+    import ray
+
+    return ray.data.from_arrow(blocks)
+
+
+def read_items(items: list[dict], blocks: int):
+    import ray
+
+    return ray.data.from_items(items, override_num_blocks=blocks)
+
+
+def tokenize(ds, cfg: PipelineConfig, prepared, inputs: int | None = None):
+    """Tokenize on CPU apart from the model: a small pool of CPU actors holding the tokenizer
+    (ray.tokenize_on: actors), or tasks fused into the reads (tasks). The workers run the driver's
+    tokenizer on the `tokenizers` library alone. `inputs`: the input tasks (shards)."""
+    from ray.data import ActorPoolStrategy
+
+    from operators.tokenize import TextEncoder, tokenize_batch
+
+    spec = prepared.spec()
+    n = min(read_tasks(cfg), inputs or read_tasks(cfg))
+    if cfg.ray.tokenize_on == "actors":
+        tokenizers = cfg.ray.tokenize_actors or (n if actor_plan(cfg, prepared.resolved).num_gpus else 1)
+        return ds.map_batches(
+            TextEncoder, fn_constructor_args=(spec, None, prepared.tokenizer), batch_format="pyarrow", batch_size=None,
+            compute=ActorPoolStrategy(min_size=1, max_size=min(tokenizers, inputs or tokenizers)), num_cpus=cfg.ray.io_cpus,
+        )
+    return ds.map_batches(
+        tokenize_batch, fn_kwargs={"spec": spec, "portable": prepared.tokenizer}, batch_format="pyarrow", batch_size=None,
+        num_cpus=cfg.ray.io_cpus, concurrency=n,  # the same as the read's: they fuse
+    )
+
+
+def embed(ds, cfg: PipelineConfig, prepared, operator: str = "embed", blocks: int | None = None):
+    """`ds.map_batches` on the embedding actor pool with one of OPERATORS. `blocks`: at most how
+    many blocks reach the model, so a small job starts no actor that would get no work."""
+    from ray.data import ActorPoolStrategy
+
+    actors = actor_plan(cfg, prepared.resolved)
+    if blocks:
+        actors = replace(actors, min_size=min(actors.min_size, blocks), max_size=min(actors.max_size, blocks))
+    return ds.map_batches(
+        OPERATORS[operator],
+        fn_constructor_args=(prepared.spec(actors.threads),),
+        batch_format="pyarrow",
+        batch_size=cfg.ray.batch_size,
+        compute=ActorPoolStrategy(min_size=actors.min_size, max_size=actors.max_size, max_tasks_in_flight_per_actor=actors.tasks_in_flight),
+        num_cpus=actors.num_cpus,
+        num_gpus=actors.num_gpus,
+    )
+
+
+def write_shards(ds, cfg: PipelineConfig, plan, prepared):
+    """Stage every row under `_staging/<run>/` and commit each shard's vector file as soon as all
+    its rows have arrived (ray_io.ShardedParquetSink). Returns the sink's WriteOutcome: what was
+    committed, failed and left pending, and why the dataset stopped, if it did. Raises nothing
+    for a failed dataset: the committed shards stand and the caller records them."""
+    from operators.ray_io import ShardedParquetSink, start_coordinator
+    from operators.vectors import ARROW_FLOATS
+    from operators.writers import STAGING_DIR
+
+    _, out_dir = get_fs(plan.out_uri, cfg.output.storage)
+    staging = posixpath.join(out_dir, STAGING_DIR, time.strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:8])
+    plans = {s.public_uri: plan.stats_for(s) for s in plan.todo}
+    sink = ShardedParquetSink(
+        start_coordinator(list(plans)), plan.out_uri, cfg.output.storage, staging, plans,
+        prepared.dimension, ARROW_FLOATS[cfg.output.dtype], prepared.provenance, cfg.input.duplicate_ids,
+    )
+    try:
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.io_cpus})
+    except Exception as e:  # the sink's on_write_failed has recorded it, unless it failed before the write began
+        if sink.outcome is None:
+            sink.on_write_failed(e)
+    if sink.outcome.error is not None:
+        # the failed dataset's frames and exceptions form reference cycles that keep its actor
+        # pools alive, CPUs reserved, until the cyclic collector runs: a run after this one in the
+        # same process (a retry loop, a service) would wait for them forever
+        gc.collect()
+    return sink.outcome
+
+
+def iter_tables(ds):
+    """The dataset's output as Arrow tables, one per block, as they arrive."""
+    return ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def vectors_of(table):
+    """A table's `embedding` column as a float32 matrix."""
+    import numpy as np
+
+    col = table.column("embedding").combine_chunks()
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(col), col.type.list_size)
+
+
+def ray_embed_fn(cfg: PipelineConfig, prepared):
+    """An evaluation embedding function (evaluation.EmbedFn) on Ray: the texts in one dataset,
+    read -> tokenize -> embed on the same actor pools as the corpus pipeline, yielding each
+    block's (keys, vectors) as it arrives."""
+    from operators.readers import text_rows
+
+    def embed_fn(keys: list[str], texts: list[str]):
+        init_ray(cfg)
+        rows = text_rows(keys, texts, shard="eval")
+        step = cfg.rows_per_call  # one block per actor call, no shuffle stage
+        blocks = [rows.slice(i, step) for i in range(0, len(texts), step)]
+        ds = tokenize(read_tables(blocks), cfg, prepared, inputs=len(blocks))
+        ds = embed(ds, cfg, prepared, blocks=len(blocks))
+        for table in iter_tables(ds):
+            yield table.column("id").to_pylist(), vectors_of(table)
+
+    return embed_fn

@@ -1,0 +1,218 @@
+"""Throughput measurement, for pipelines/benchmark.py: peak memory of a process tree, the device,
+the benchmark corpus, sentence-transformers' `encode` as the baseline, and the report's text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+from operators.config import PipelineConfig
+from operators.models import local_source
+from operators.readers import read_shard
+from operators.storage import InputError, list_shards
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s), for model FLOP utilisation on known GPUs.
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
+
+
+class PeakMemory:
+    """Peak summed RSS of this process and its descendants while the `with` block runs."""
+
+    def __init__(self, interval: float = 0.2, tree: bool = True):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.tree = tree
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def sample(self) -> int:
+        import psutil
+
+        procs = [self.proc] + (self.proc.children(recursive=True) if self.tree else [])
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak = self.sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.sample())
+
+
+def device_name(cfg: PipelineConfig) -> str:
+    import torch  # the baseline loads it anyway
+
+    if cfg.model.device != "cpu" and torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu}, {os.cpu_count()} cores"
+
+
+def peak_tflops(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    for key, value in GPU_PEAK_TFLOPS.items():
+        if key in device:
+            return value
+    return None
+
+
+def corpus_texts(cfg: PipelineConfig, docs: int) -> list[str]:
+    """The config's input texts (valid rows, in shard order), cycled to `docs` documents."""
+    texts: list[str] = []
+    for shard in list_shards(cfg.input.uri, cfg.input.format, cfg.input.storage):
+        for block in read_shard(shard, cfg.input):
+            rows = zip(block.column("text").to_pylist(), block.column("reason").to_pylist(), block.column("eof").to_pylist())
+            texts += [t for t, reason, eof in rows if reason is None and not eof]
+    if not texts:
+        raise InputError(f"input.uri: no valid text rows in {cfg.input.uri} to build a benchmark corpus from")
+    return [texts[i % len(texts)] for i in range(docs)]
+
+
+def write_corpus(texts: list[str], folder: Path, shard_docs: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, start in enumerate(range(0, len(texts), shard_docs)):
+        with open(folder / f"part-{n:05d}.jsonl", "w") as f:
+            for i, t in enumerate(texts[start : start + shard_docs], start):
+                f.write(json.dumps({"id": f"doc-{i}", "text": t}) + "\n")
+
+
+def run_baseline(cfg: PipelineConfig, resolved, texts: list[str]) -> dict:
+    """sentence-transformers' encode over `texts`, same folder, dtype and device; model load untimed."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from operators.embed import TORCH_DTYPES, pick_device
+
+    source = local_source(resolved)
+    model_kwargs: dict = {"torch_dtype": TORCH_DTYPES[cfg.model.dtype]}
+    tokenizer_kwargs: dict = {}
+    if resolved.gguf_file:
+        model_kwargs["gguf_file"] = tokenizer_kwargs["gguf_file"] = resolved.gguf_file
+    device = pick_device(cfg.model.device).type
+    st = SentenceTransformer(source, device=device, model_kwargs=model_kwargs, tokenizer_kwargs=tokenizer_kwargs)
+    if st.tokenizer.pad_token is None:
+        st.tokenizer.pad_token = st.tokenizer.eos_token
+    st.max_seq_length = resolved.max_length
+    st.encode(texts[:64])  # warm-up
+    tokens = sum(min(len(ids), resolved.max_length) for ids in st.tokenizer(texts, truncation=False)["input_ids"])
+    with PeakMemory(tree=False) as mem:
+        started = time.perf_counter()
+        st.encode(texts, batch_size=32 if device == "cpu" else 256)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - started
+    del st
+    return {"rows": len(texts), "seconds": secs, "rows_per_s": len(texts) / secs, "tokens": tokens,
+            "tokens_per_s": tokens / secs, "peak_rss_bytes": mem.peak}
+
+
+def model_flops_per_token(resolved) -> float | None:
+    """Forward FLOPs per token: 2 x the non-embedding parameters (attention scores left out: small
+    at sentence lengths)."""
+    if not resolved.layer_parameters:
+        return None
+    return 2.0 * resolved.layer_parameters
+
+
+def phase_result(record, peak_rss_bytes: int) -> dict:
+    """A pipeline phase's figures from its run record."""
+    c, secs = record.counts, record.seconds
+    return {
+        "rows": c.rows_written, "seconds": secs, "rows_per_s": c.rows_written / secs, "tokens": c.tokens,
+        "tokens_per_s": c.tokens / secs, "padding_efficiency": c.padding_efficiency, "peak_rss_bytes": peak_rss_bytes,
+        "steady_rows_per_s": record.steady_rows_per_s,
+    }
+
+
+def add_ratios(report: dict, resolved) -> dict:
+    """The headline figures and ratios, from the phases a report holds."""
+    p = report["pipeline"]
+    report["pipeline_rows_per_s"] = p["rows_per_s"]
+    report["pipeline_tokens_per_s"] = p["tokens_per_s"]
+    report["padding_efficiency"] = p["padding_efficiency"]
+    report["peak_rss_bytes"] = p["peak_rss_bytes"]
+    report["baseline_rows_per_s"] = report.get("baseline", {}).get("rows_per_s")
+    report["noop_rows_per_s"] = report.get("noop", {}).get("rows_per_s")
+    if report["baseline_rows_per_s"]:
+        report["pipeline_vs_baseline"] = p["rows_per_s"] / report["baseline_rows_per_s"]
+    if report["noop_rows_per_s"]:
+        report["noop_vs_pipeline"] = report["noop_rows_per_s"] / p["rows_per_s"]
+        n_steady, p_steady = report["noop"].get("steady_rows_per_s"), p.get("steady_rows_per_s")
+        report["noop_steady_rows_per_s"] = n_steady
+        if n_steady and p_steady:
+            report["noop_vs_pipeline_steady"] = n_steady / p_steady
+    if "pipeline_small" in report:
+        report["peak_rss_ratio_vs_small"] = p["peak_rss_bytes"] / report["pipeline_small"]["peak_rss_bytes"]
+    per_token = model_flops_per_token(resolved)
+    if per_token:
+        report["model_parameters_estimate"] = resolved.parameters
+        report["model_layer_parameters_estimate"] = resolved.layer_parameters
+        report["model_tflops"] = per_token * p["tokens_per_s"] / 1e12
+        peak = peak_tflops(report["device"])
+        report["model_flops_utilisation"] = report["model_tflops"] / peak if peak else None
+    return report
+
+
+def write_report(report: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def format_report(r: dict) -> str:
+    gib = 1 / 2**30
+    lines = [f"device: {r['device']}; model {r['model']} ({r['dtype']}, {r['pooling']}); {r['docs']} docs"]
+    for name in ("pipeline", "baseline", "noop", "pipeline_small", "warmup"):
+        x = r.get(name)
+        if not x:
+            continue
+        if "error" in x:
+            lines.append(f"  {name:15s} unavailable: {x['error']}")
+            continue
+        steady = f"  steady {x['steady_rows_per_s']:9.1f} rows/s" if x.get("steady_rows_per_s") else ""
+        lines.append(
+            f"  {name:15s} {x['rows']:>8d} rows in {x['seconds']:7.1f}s  {x['rows_per_s']:9.1f} rows/s  "
+            f"{x['tokens_per_s']:10.0f} tokens/s  peak RSS {x['peak_rss_bytes'] * gib:5.2f} GiB{steady}"
+        )
+    lines.append(f"  padding efficiency (real / padded tokens): {r['padding_efficiency']:.3f}")
+    if "pipeline_vs_baseline" in r:
+        lines.append(f"  pipeline / sentence-transformers encode: {r['pipeline_vs_baseline']:.2f}x")
+    if "noop_vs_pipeline" in r:
+        lines.append(f"  no-op data path / pipeline: {r['noop_vs_pipeline']:.1f}x end to end"
+                     + (f", {r['noop_vs_pipeline_steady']:.1f}x in steady state" if r.get("noop_vs_pipeline_steady") else ""))
+    if "peak_rss_ratio_vs_small" in r:
+        lines.append(f"  peak RSS at {r['memory_scale']}x the documents: {r['peak_rss_ratio_vs_small']:.2f}x")
+    if "model_tflops" in r:
+        util = r.get("model_flops_utilisation")
+        lines.append(f"  model FLOP rate: {r['model_tflops'] * 1e3:.1f} GFLOP/s" + (f", {util:.1%} of the GPU's peak" if util else ""))
+    return "\n".join(lines)
