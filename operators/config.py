@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from operators.pooling import POOLING, POOLING_NAMES
 from operators.postprocess import STEP_TYPES, RemoveTopPCs, Step, Whiten
@@ -35,7 +35,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # validate_by_name with aliases: a renamed key keeps its old name as an alias (YAML, --set, code)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
 
 
 class StorageConfig(_Strict):
@@ -92,10 +93,11 @@ class ModelConfig(_Strict):
     dtype: ModelDtype = "float32"  # bfloat16/float16 halve memory and are faster on GPUs
     device: Device = "auto"  # auto: cuda when the actor has a GPU, else cpu
     max_length: int | None = Field(None, ge=1)  # tokens; None: the model's own limit
-    # Forward passes take length-sorted runs of the actor's batch (ray.batch_size rows), up to batch_size
-    # texts and max_batch_tokens padded tokens each: sorting cuts padding, the token budget bounds
-    # activation memory. batch_size None: 32 on CPU (small batches stay in cache), 256 on GPU.
-    batch_size: int | None = Field(None, ge=1)
+    # Forward passes take length-sorted runs of the actor's call (ray.rows_per_call rows), up to
+    # forward_batch_size texts and max_batch_tokens padded tokens each: sorting cuts padding, the token
+    # budget bounds activation memory. None: 32 on CPU (small batches stay in cache), 256 on GPU.
+    # The earlier name, batch_size, is accepted.
+    forward_batch_size: int | None = Field(None, ge=1, validation_alias=AliasChoices("forward_batch_size", "batch_size"))
     max_batch_tokens: int = Field(16384, ge=1)
     # auto: transformers' choice (SDPA where the model supports it); sdpa, eager, flash_attention_2 force one
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
@@ -178,7 +180,8 @@ class RayConfig(_Strict):
     gpus_per_actor: float | None = Field(None, ge=0)
     # rows per embedding actor call: the window sorted by length before batching. None: one read block
     # per call (input.rows_per_block rows), so calls line up with shards and spread over the actors.
-    batch_size: int | None = Field(None, ge=1)
+    # The earlier name, batch_size, is accepted.
+    rows_per_call: int | None = Field(None, ge=1, validation_alias=AliasChoices("rows_per_call", "batch_size"))
     # torch threads per CPU actor. None: the node's CPUs / max_actors when max_actors is set, else
     # max(1, node CPUs // 8): several single-threaded actors (at most 8 model copies per node) rather
     # than one actor whose threads stall each other whenever another process takes a core.
@@ -288,8 +291,8 @@ class PipelineConfig(_Strict):
 
     @property
     def rows_per_call(self) -> int:
-        """Rows per embedding actor call: ray.batch_size, else one read block (input.rows_per_block)."""
-        return self.ray.batch_size or self.input.rows_per_block
+        """Rows per embedding actor call: ray.rows_per_call, else one read block (input.rows_per_block)."""
+        return self.ray.rows_per_call or self.input.rows_per_block
 
     def postprocess_steps(self) -> list[Step]:
         """The chain as typed steps, whitening's settings folded into its step."""
@@ -322,8 +325,22 @@ class PipelineConfig(_Strict):
 # Loading
 
 
+# renamed keys: (section, old name) -> new name. The old names keep working in YAML and --set.
+RENAMED = {("model", "batch_size"): "forward_batch_size", ("ray", "batch_size"): "rows_per_call"}
+
+
+def _new_names(tree: dict) -> dict:
+    for (section, old), new in RENAMED.items():
+        node = tree.get(section)
+        if isinstance(node, dict) and old in node:
+            node[new] = node.pop(old)
+    return tree
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
+    if len(keys) == 2 and tuple(keys) in RENAMED:
+        keys[1] = RENAMED[tuple(keys)]
     node = tree
     for k in keys[:-1]:
         child = node.get(k)
@@ -411,6 +428,7 @@ def read_config_tree(path: Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (input, output, model, ...)")
+    _new_names(tree)
     base = tree.pop("extends", None)
     if base is not None:
         tree = _merge(read_config_tree((path.parent / base), _seen + (path.resolve(),)), tree)

@@ -207,7 +207,7 @@ def embed(ds, cfg: PipelineConfig, prepared, operator: str = "embed", blocks: in
         OPERATORS[operator],
         fn_constructor_args=(prepared.spec(actors.threads),),
         batch_format="pyarrow",
-        batch_size=cfg.ray.batch_size,
+        batch_size=cfg.ray.rows_per_call,
         compute=ActorPoolStrategy(min_size=actors.min_size, max_size=actors.max_size, max_tasks_in_flight_per_actor=actors.tasks_in_flight),
         num_cpus=actors.num_cpus,
         num_gpus=actors.num_gpus,

@@ -78,11 +78,17 @@ def output_location(cfg: PipelineConfig, fp: str) -> tuple[str, str | None]:
     return posixpath.join(cfg.output.uri.rstrip("/"), version), version
 
 
-def plan_run(cfg: PipelineConfig, prepared) -> Plan:
-    """List and fingerprint the input, check the output, and sort the shards (see the module's
-    docstring). Raises ConfigError/InputError before any work starts."""
+def list_input(cfg: PipelineConfig) -> list[Shard]:
+    """The input's shards, listed and fingerprinted: InputError for a missing or empty input (the
+    cheapest check, so it runs before the model is resolved)."""
+    return list_shards(cfg.input.uri, cfg.input.format, cfg.input.storage)
+
+
+def plan_run(cfg: PipelineConfig, prepared, shards: list[Shard] | None = None) -> Plan:
+    """Check the output and sort the shards of the input (listed here unless given; see the
+    module's docstring). Raises ConfigError/InputError before any work starts."""
     fp = prepared.fingerprint
-    shards = list_shards(cfg.input.uri, cfg.input.format, cfg.input.storage)
+    shards = list_input(cfg) if shards is None else shards
     out_uri, version = output_location(cfg, fp)
     check_output_outside_input(cfg, out_uri)
     check_writable(out_uri, cfg.output.storage)

@@ -9,8 +9,12 @@ preparation runs in a short-lived child process, so the driver stays small and t
 
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from operators.config import PipelineConfig
 from operators.models import ResolvedModel
@@ -38,16 +42,40 @@ class Prepared:
         return EmbedSpec.from_config(self.cfg, self.resolved, num_threads=num_threads, postprocess=self.postprocess)
 
 
-def prepare(cfg: PipelineConfig, postprocess: bool = True) -> Prepared:
+def prepare(cfg: PipelineConfig, postprocess: bool = True, isolate: bool | None = None) -> Prepared:
     """Resolve and check everything the config embeds with. Raises ConfigError, ModelLoadError or
-    ArtifactError before any work; isolated in a child process when this one has no transformers."""
-    if "transformers" in sys.modules:
+    ArtifactError before any work. isolate=None: in a child process when this one has not loaded
+    transformers (a process that has gains nothing from one)."""
+    if isolate is None:
+        isolate = "transformers" not in sys.modules
+    if not isolate:
         return prepare_here(cfg, postprocess)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    # a fresh interpreter (not multiprocessing: its spawn would import the caller's __main__ again)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    got = subprocess.run(
+        [sys.executable, "-c", "from operators.prepare import _serve; _serve()"],
+        input=pickle.dumps((cfg, postprocess)), stdout=subprocess.PIPE, env=env, check=False,
+    )
+    try:
+        ok, value = pickle.loads(got.stdout)
+    except Exception:
+        raise RuntimeError(f"the preparation process exited with {got.returncode} and no result (its errors are above)") from None
+    if not ok:
+        raise value
+    return value
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(prepare_here, cfg, postprocess).result()
+
+def _serve() -> None:
+    """The child's side of prepare(): the config on stdin, (ok, Prepared or the exception) on stdout."""
+    cfg, postprocess = pickle.loads(sys.stdin.buffer.read())
+    out, sys.stdout = sys.stdout.buffer, sys.stderr  # whatever the loading prints goes to stderr
+    try:
+        result = (True, prepare_here(cfg, postprocess))
+    except Exception as e:
+        result = (False, e)
+    out.write(pickle.dumps(result))
+    out.flush()
 
 
 def prepare_here(cfg: PipelineConfig, postprocess: bool = True) -> Prepared:

@@ -70,8 +70,8 @@ def device_type(requested: str, cuda: bool) -> str:
 
 
 def forward_batch_size(spec: EmbedSpec, cuda: bool) -> int:
-    """Texts per forward pass: model.batch_size, else 32 on CPU (small batches stay in cache), 256 on GPU."""
-    return spec.model.batch_size or (256 if cuda else 32)
+    """Texts per forward pass: model.forward_batch_size, else 32 on CPU (small batches stay in cache), 256 on GPU."""
+    return spec.model.forward_batch_size or (256 if cuda else 32)
 
 
 def bucket(enc: Encoded, n: int, max_tokens: int, max_rows: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:

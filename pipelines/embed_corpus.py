@@ -24,7 +24,7 @@ from operators.config import PipelineConfig
 from operators.execution import embed, init_ray, ray_embed_fn, read_shards, tokenize, write_shards
 from operators.gate import check_gate_data, run_gate
 from operators.incremental import publish_version
-from operators.planning import plan_run
+from operators.planning import list_input, plan_run
 from operators.prepare import prepare
 from operators.sinks import check_sinks, feed_sinks
 from operators.writers import WriteOutcome
@@ -35,8 +35,9 @@ def run(cfg: PipelineConfig, noop: bool = False) -> RunRecord:
     model by zero vectors: the data path alone, for benchmarks."""
     record = RunRecord.begin(cfg)
     with record.timed("plan_s"):
+        shards = list_input(cfg)  # the input's shards, fingerprinted
         prepared = prepare(cfg)  # model, whitening artifact, provenance, config fingerprint
-        plan = plan_run(cfg, prepared)  # the shards to embed, reuse, skip and delete
+        plan = plan_run(cfg, prepared, shards)  # the shards to embed, reuse, skip and delete
         check_gate_data(cfg)
         check_sinks(cfg)
     record.planned(plan, prepared)

@@ -4,7 +4,7 @@
 #     bash pipelines/gpu_check.sh [OUT_DIR]          # default OUT_DIR: out/gpu-check
 #
 # 1. the CUDA code paths: fp16/bf16/fp32 buckets on the GPU against float32 on the CPU, within the
-#    tolerances the README states; post-processing on the device (tests/operators/test_gpu.py);
+#    tolerances the README states; post-processing on the device (tests/operators/test_embed.py);
 # 2. the benchmark, fp16, for all-MiniLM-L6-v2 and SmolLM2-135M (PromptEOL): the pipeline end to
 #    end against sentence-transformers' encode with fp16 on the same GPU and corpus (target >= 2x),
 #    the no-op ceiling, and the model's FLOP utilisation.
@@ -22,7 +22,7 @@ fi
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.csv"
 
-python -m pytest -m gpu -q tests/operators/test_gpu.py 2>&1 | tee "$out/test_gpu.txt"
+python -m pytest -m gpu -q tests/operators/test_embed.py 2>&1 | tee "$out/test_gpu.txt"
 
 python pipelines/benchmark.py --docs "$docs" --set model.dtype=float16 \
     --report "$out/minilm-fp16.json" 2>&1 | tee "$out/minilm-fp16.log"

@@ -394,3 +394,72 @@ def make_corpus(root: Path, shards: int, rows: int, bad: bool = False) -> Path:
     return root
 
 
+
+
+def commit_in_process(cfg, prepared, plan):
+    """The write path without Ray, for unit tests of planning and bookkeeping: each shard of
+    `plan.todo` read, embedded by the no-op model (zero vectors, real counts), staged and
+    committed; returns the WriteOutcome the Ray sink would."""
+    import posixpath
+    import uuid
+
+    from operators.incremental import mark_reuse, read_previous
+    from operators.readers import read_shard
+    from operators.storage import get_fs
+    from operators.vectors import ARROW_FLOATS, NoopEmbedder
+    from operators.writers import STAGING_DIR, WriteOutcome, commit_shard, stage_part
+
+    fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
+    staging = posixpath.join(out_dir, STAGING_DIR, uuid.uuid4().hex[:8])
+    model = NoopEmbedder(prepared.spec())
+    outcome = WriteOutcome()
+    for shard in plan.todo:
+        previous = read_previous(fs, posixpath.join(out_dir, shard.output_name)) if shard.rel in plan.changed else None
+        hashes = dict(zip(previous.column("id").to_pylist(), previous.column("content_hash").to_pylist())) if previous else None
+        parts = [stage_part(fs, staging, shard.output_name.removesuffix(".parquet"), model(mark_reuse(b, hashes)))
+                 for b in read_shard(shard, cfg.input)]
+        stats = commit_shard(fs, out_dir, staging, plan.stats_for(shard), parts, prepared.dimension,
+                             ARROW_FLOATS[cfg.output.dtype], prepared.provenance, cfg.input.duplicate_ids)
+        outcome.committed[shard.public_uri] = stats.to_json()
+    return outcome
+
+
+def make_bench(root):
+    """A tiny benchmark folder in shared/data's layout."""
+    s = sample_sentences(120)
+    (root / "sts" / "raw").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    pairs = "".join(f"{rng.uniform(0, 5):.2f}\t{s[i]}\t{s[i + 1]}\n" for i in range(0, 40, 2))
+    for name in ("stsb.test", "sts13.FNWN", "sts13.headlines", "sts13.OnWN"):
+        (root / "sts" / "raw" / f"{name}.tsv").write_text("score\tsentence1\tsentence2\n" + pairs)
+    (root / "clf").mkdir()
+    (root / "clf" / "mr.tsv").write_text("label\ttext\n" + "".join(f"{i % 2}\t{t}\n" for i, t in enumerate(s[:60])))
+    (root / "clf" / "banking77.test.tsv").write_text("label\ttext\n" + "".join(f"c{i % 3}\t{t}\n" for i, t in enumerate(s[60:90])))
+    (root / "clf" / "trec.train.tsv").write_text("coarse_label\tfine_label\ttext\n" + "".join(f"A{i % 2}\tx\t{t}\n" for i, t in enumerate(s[:40])))
+    (root / "clf" / "trec.test.tsv").write_text("coarse_label\tfine_label\ttext\n" + "".join(f"A{i % 2}\tx\t{t}\n" for i, t in enumerate(s[40:60])))
+    return root
+
+
+def bag_of_words(dim: int = 64, batch: int = 16, calls: list | None = None):
+    """A real, deterministic embedding function for evaluation tests without a model or Ray: the
+    sum of per-word random vectors (seeded by the word). `calls` collects each call's text count."""
+    import zlib
+
+    cache: dict[str, np.ndarray] = {}
+
+    def word(w: str) -> np.ndarray:
+        if w not in cache:
+            cache[w] = np.random.default_rng(zlib.crc32(w.encode())).normal(size=dim)
+        return cache[w]
+
+    def embed(texts):
+        return np.stack([sum((word(w) for w in t.lower().split()), np.zeros(dim)) + 1e-3 for t in texts]).astype(np.float32)
+
+    def embed_fn(keys, texts):
+        if calls is not None:
+            calls.append(len(texts))
+        for i in range(0, len(texts), batch):
+            yield keys[i : i + batch], embed(texts[i : i + batch])
+
+    embed_fn.embed = embed
+    return embed_fn

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from operators.config import ConfigError, load_config, parse_override, redact, resolved_config_text
+from operators.config import DEFAULT_CONFIG, ConfigError, load_config, parse_override, redact, resolved_config_text
 
 BASE = {
     "input": {"uri": "in/"},
@@ -102,3 +102,12 @@ def test_secrets_are_redacted_in_the_logged_config(tmp_path):
         "aws_secret_access_key": "***",
         "endpoint_url": "http://h",
     }
+
+
+def test_the_batch_keys_say_what_they_batch_and_the_old_names_still_work(tmp_path):
+    new = load_config(None, ["model.forward_batch_size=7", "ray.rows_per_call=9"])
+    old = load_config(None, ["model.batch_size=7", "ray.batch_size=9"])
+    assert (new.model.forward_batch_size, new.ray.rows_per_call) == (old.model.forward_batch_size, old.ray.rows_per_call) == (7, 9)
+    (tmp_path / "old.yaml").write_text("extends: %s\nmodel: {batch_size: 5}\nray: {batch_size: 11}\n" % DEFAULT_CONFIG)
+    cfg = load_config(tmp_path / "old.yaml")
+    assert (cfg.model.forward_batch_size, cfg.ray.rows_per_call, cfg.rows_per_call) == (5, 11, 11)

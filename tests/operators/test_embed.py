@@ -5,10 +5,9 @@ Extraction across model families on tiny random models, each against a manual fo
 T5 encoder/decoder modes, decoder-only last token under both paddings, PromptBERT's [MASK],
 instruction exclusion, windowed long documents, Sentence-T5's Dense projection.
 
-CUDA paths, for a machine with a GPU: `pytest -m gpu tests/operators/test_gpu.py`.
+CUDA paths, for a machine with a GPU: `pytest -m gpu tests/operators/test_embed.py`.
 Skipped without one (CI has none). Half-precision forwards on the GPU against float32 on the CPU,
-each text alone: the tolerances the README states.
-"""
+each text alone: the tolerances the README states."""
 
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from operators.embed import Embedder, EmbedSpec
 from operators.models import resolve_model
 from operators.prompts import PROMPTBERT_TEMPLATE, PROMPTEOL_TEMPLATE
 from operators.readers import READ_SCHEMA
+from operators.tokenize import tokenize_batch
 from tests.helpers import batch, sample_sentences, spec_for, texts_of_mixed_length
 
 
@@ -310,7 +310,7 @@ def test_config_level_prompt_errors():
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-TOLERANCE = {"float16": 1e-2, "bfloat16": 2e-2, "float32": 1e-4}  # float32: TF32 matmuls may be on
+GPU_TOLERANCE = {"float16": 1e-2, "bfloat16": 2e-2, "float32": 1e-4}  # float32: TF32 matmuls may be on
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -321,7 +321,7 @@ def test_cuda_buckets_equal_cpu_float32(minilm_path, dtype):
     cpu = Embedder(spec_for(minilm_path, batch_size=1, model_kw={"device": "cpu"}, pooling="mean", normalize=True))
     got = gpu.embed_texts(texts).vectors
     want = np.stack([cpu.embed_texts([t]).vectors[0] for t in texts])
-    assert np.abs(got - want).max() <= TOLERANCE[dtype]
+    assert np.abs(got - want).max() <= GPU_TOLERANCE[dtype]
 
 
 def test_postprocessing_runs_on_the_device(minilm_path):
@@ -330,3 +330,36 @@ def test_postprocessing_runs_on_the_device(minilm_path):
     assert e.attn_implementation in ("sdpa", "flash_attention_2", "eager")
     vecs = e.embed_texts(sample_sentences(8)).vectors
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-3)
+
+
+TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_bucketed_batches_equal_each_text_alone(minilm_path, dtype):
+    texts = texts_of_mixed_length(48)
+    fast = Embedder(spec_for(minilm_path, dtype=dtype, batch_size=32, max_batch_tokens=512, pooling="mean", normalize=True))
+    alone = Embedder(spec_for(minilm_path, dtype=dtype, batch_size=1, pooling="mean", normalize=True))
+    out = fast.embed_encoded(fast.encoder.encode(texts), len(texts))
+    got, n_tokens, padded = out.vectors, out.n_tokens, out.padded_tokens
+    want = np.stack([alone.embed_texts([t]).vectors[0] for t in texts])
+    assert np.abs(got - want).max() <= TOLERANCE[dtype]
+    assert (padded >= n_tokens).all() and padded.sum() > n_tokens.sum()  # some padding happened, and was counted
+    assert n_tokens.sum() / padded.sum() > 0.8  # sorted buckets keep most of each batch real
+
+
+def test_decoder_left_padding_in_buckets_equals_alone(tiny_llama):
+    """Last-token pooling reads the right position whatever a bucket's padding."""
+    texts = ["a b", "a much longer text than the first", "mid length text"]
+    fast = Embedder(spec_for(tiny_llama, model_kw={"padding_side": "left"}, pooling="last_token"))
+    alone = Embedder(spec_for(tiny_llama, batch_size=1, pooling="last_token"))
+    got = fast.embed_texts(texts).vectors
+    want = np.stack([alone.embed_texts([t]).vectors[0] for t in texts])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_empty_batch_has_the_output_schema(minilm_path):
+    e = Embedder(spec_for(minilm_path))
+    out = e(tokenize_batch(batch([]), e.spec))
+    assert out.num_rows == 0 and out.schema == e.schema
+    assert isinstance(out, pa.Table)

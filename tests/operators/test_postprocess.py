@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from operators.postprocess import (
-    ArtifactError, Fit, Moments, Normalize, PostProcessor, RemoveTopPCs, Whiten, ZScore, load_artifact, save_artifact,
+    ArtifactError,
+    Fit,
+    Moments,
+    Normalize,
+    PostProcessor,
+    RemoveTopPCs,
+    Whiten,
+    ZScore,
+    load_artifact,
+    save_artifact,
 )
 
 
@@ -108,3 +117,18 @@ def test_artifact_round_trip_and_refusals(tmp_path, data):
         load_artifact(fs, str(tmp_path / "junk"))
     with pytest.raises(ArtifactError, match="does not exist"):
         load_artifact(fs, str(tmp_path / "missing"))
+
+
+def test_moments_travel_as_float64_buffers_and_merge_exactly(data):
+    """The fit's actors ship each batch's moments as two raw float64 buffers (d and d x d values),
+    not as Python lists: the merge on the driver equals one pass over all rows."""
+    import pyarrow as pa
+
+    from operators.postprocess import merge_moment_tables, moments_row
+
+    rows = [moments_row(Moments.of(part)) for part in np.array_split(data, 5)]
+    assert rows[0].schema.field("outer").type == pa.binary() and len(rows[0].column("outer")[0].as_py()) == 16 * 16 * 8
+    merged, one = merge_moment_tables(rows, 16), Moments.of(data)
+    assert merged.n == len(data)
+    np.testing.assert_allclose(merged.outer, one.outer, rtol=1e-12)
+    np.testing.assert_allclose(merged.sum, one.sum, rtol=1e-12)

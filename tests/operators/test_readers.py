@@ -135,7 +135,7 @@ def test_output_names_are_deterministic_and_distinct(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The bad-input catalogue (tests/catalogue.py): no record or file makes the reader raise
+# The bad-input catalogue (tests/helpers.py): no record or file makes the reader raise
 
 
 @pytest.mark.parametrize("case", RECORDS, ids=[c[0] for c in RECORDS])

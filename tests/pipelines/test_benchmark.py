@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipelines.benchmark import main
-from operators.execution import ActorPlan, actor_plan, estimated_blocks
 
 REPORT_KEYS = {
     "pipeline_rows_per_s", "baseline_rows_per_s", "noop_rows_per_s", "padding_efficiency", "peak_rss_bytes", "device",
@@ -46,32 +45,8 @@ def test_bad_arguments_exit_2(capsys):
     assert "must be positive" in capsys.readouterr().err
 
 
-def test_cpu_actor_pool_defaults_to_single_threaded_actors(ray_local):
-    from operators.config import load_config
-    from operators.models import resolve_model
-
-    cfg = load_config(None, [])
-    resolved = resolve_model(cfg.model, cfg.extraction)
-    plan = lambda *sets: actor_plan(load_config(None, list(sets)), resolved)  # noqa: E731
-    # 2-CPU local cluster: a fixed pool of two 1-thread actors, half a CPU reserved each
-    assert plan() == ActorPlan(min_size=2, max_size=2, num_cpus=0.5, num_gpus=0, threads=1, tasks_in_flight=1)
-    assert plan("ray.max_actors=1") == ActorPlan(1, 1, 1.0, 0, 2, 1)  # one actor gets both cores' threads
-    assert plan("ray.threads_per_actor=2") == ActorPlan(1, 1, 1.0, 0, 2, 1)
-    assert plan("ray.min_actors=1", "ray.cpus_per_actor=0.25") == ActorPlan(1, 2, 0.25, 0, 1, 1)
-    assert plan("ray.gpus_per_actor=0.5", "ray.max_actors=4") == ActorPlan(1, 4, 1.0, 0.5, None)
 
 
-def test_block_estimate_bounds_the_pool_for_small_jobs():
-    from operators.storage import Shard
-
-    def shard(size, compression=None):
-        return Shard(uri="x", rel="x", format="jsonl", compression=compression, fingerprint={"size": size})
-
-    assert estimated_blocks(shard(0), 1024) == 1
-    assert estimated_blocks(shard(5_000), 1024) == 1  # a test-sized shard: one actor is enough
-    assert estimated_blocks(shard(1024 * 32 * 3), 1024) == 3
-    assert estimated_blocks(shard(1024 * 32 * 3 + 1), 1024) == 4
-    assert estimated_blocks(shard(1024 * 4 * 3, "gzip"), 1024) == 3  # compressed: many more rows per byte
 
 
 def test_gpu_check_script_names_what_exists_and_stops_without_a_gpu(tmp_path):

@@ -1,0 +1,79 @@
+"""The run record without Ray: counts summed from the commits, the manifest merge, the report
+(the same keys and numbers as the counts), the summary line, the local fallback, what an
+incomplete run says."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import pytest
+
+from operators import models
+from operators.bookkeeping import RunRecord, incomplete_message, record_outputs, write_run_report
+from operators.config import load_config
+from operators.planning import plan_run
+from operators.prepare import prepare
+from operators.writers import IncompleteShardError, RunStopped, WriteOutcome, load_manifest
+from tests.helpers import commit_in_process, make_corpus, write_jsonl
+
+
+@pytest.fixture
+def run_of(tmp_path):
+    folder = make_corpus(tmp_path / "in", shards=2, rows=12)
+    write_jsonl(folder / "part-bad.jsonl", [{"id": "x", "text": "fine"}, {"id": "y", "text": None}, "not json"])
+    cfg = load_config(None, [f"input.uri={folder}", f"output.uri={tmp_path / 'out'}"])
+    prepared = prepare(cfg)
+    plan = plan_run(cfg, prepared)
+    return cfg, prepared, plan, commit_in_process(cfg, prepared, plan)
+
+
+def test_counts_report_and_summary_line_agree_with_the_commits(run_of, tmp_path):
+    cfg, prepared, plan, outcome = run_of
+    record = RunRecord.begin(cfg)
+    record.planned(plan, prepared)
+    entries = record_outputs(cfg, plan, outcome, record)
+    c = record.counts
+    assert (c.shards_total, c.shards_new, c.shards_embedded) == (3, 3, 3)
+    assert (c.rows_in, c.rows_written, c.rows_rejected) == (27, 25, 2) and c.rows_in == c.rows_written + c.rows_rejected
+    assert c.tokens == sum(s["tokens"] for s in outcome.committed.values()) and 0 < c.padding_efficiency <= 1
+    manifest = load_manifest(fsspec.filesystem("file"), str(tmp_path / "out"))
+    assert manifest.entries == entries and set(entries) == {s.rel for s in plan.shards}
+    record.seconds = 2.0
+    report = record.to_report()
+    assert report["counts"]["rows_embedded"] == 25 and report["counts"]["shards_unchanged"] == 0
+    assert list(report["counts"]) == ["shards_total", "shards_new", "shards_changed", "shards_unchanged", "shards_deleted",
+                                      "rows_in", "rows_embedded", "rows_reused", "rows_rejected", "rows_truncated",
+                                      "rows_deleted", "rows_duplicate", "tokens"]
+    assert report["throughput"]["rows_per_s"] == pytest.approx(12.5)
+    assert record.summary_line().startswith("done: 25 rows written, 2 rejected, 0 truncated from 27 rows in 3 shards (0 up to date) in 2.0s: 12.5 rows/s")
+
+
+def test_an_incomplete_write_records_what_was_committed_then_raises(run_of, tmp_path):
+    cfg, prepared, plan, outcome = run_of
+    lost = sorted(outcome.committed)[0]
+    outcome.committed.pop(lost)
+    outcome.pending[lost] = {"rows_staged": 4, "rows_expected": 12}
+    outcome.error = RunStopped("ActorDiedError: the actor died")
+    record = RunRecord.begin(cfg)
+    with pytest.raises(IncompleteShardError, match="2 of 3 shards committed") as err:
+        record_outputs(cfg, plan, outcome, record)
+    assert "4 of 12 records staged" in str(err.value) and "the run stopped early: ActorDiedError" in str(err.value)
+    assert len(load_manifest(fsspec.filesystem("file"), str(tmp_path / "out")).entries) == 2  # what was committed stands
+    assert record.counts.shards_embedded == 2
+
+
+def test_a_report_the_output_refuses_is_kept_locally(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")
+    cfg = load_config(None, [f"output.uri={tmp_path / 'out'}"])
+    record = RunRecord.begin(cfg)
+    (tmp_path / "ro").write_text("a file where the output's folder would go")
+    write_run_report(record, fsspec.filesystem("file"), str(tmp_path / "ro"))
+    assert json.loads((tmp_path / "cache" / "runs" / f"{record.run_id}.json").read_text())["run_id"] == record.run_id
+    assert record.report_path and record.report["status"] == "running"
+
+
+def test_the_incomplete_message_lists_at_most_twenty_shards():
+    outcome = WriteOutcome(failed={f"s3://b/{i:03d}": "commit failed" for i in range(25)})
+    text = incomplete_message(outcome, 25)
+    assert text.startswith("0 of 25 shards committed") and "... and 5 more" in text and text.count("commit failed") == 20
