@@ -169,7 +169,7 @@ class ExtractionConfig(_Strict):
 class RayConfig(_Strict):
     address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local cluster
     num_cpus: int | None = Field(None, ge=1)  # local cluster only; None: all cores
-    # the embedding actor pool (see pipelines/embed_corpus.actor_plan). None: on CPU, a fixed pool of
+    # the embedding actor pool (see operators/execution.actor_plan). None: on CPU, a fixed pool of
     # the cluster's CPUs / threads_per_actor actors; on a GPU cluster, 1 to GPUs / gpus_per_actor.
     min_actors: int | None = Field(None, ge=1)
     max_actors: int | None = Field(None, ge=1)
@@ -193,8 +193,8 @@ class RayConfig(_Strict):
     # "tasks", Ray tasks fused into the reads. Either way the workers run the driver's tokenizer on
     # the `tokenizers` library alone (no transformers or torch import).
     tokenize_on: Literal["actors", "tasks"] = "actors"
-    # the tokenize actor pool's size. One process tokenizes ~10,000 sentences/s, ~60x what a CPU
-    # model embeds. None: 1 on a cluster without GPUs, read_tasks on a GPU cluster.
+    # the tokenize actor pool's size. One process tokenizes many times what a CPU model embeds
+    # (BENCHMARKS.md, "Figures the code relies on"). None: 1 on a cluster without GPUs, read_tasks on a GPU cluster.
     tokenize_actors: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")

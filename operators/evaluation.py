@@ -27,7 +27,13 @@ import pyarrow.parquet as pq
 from operators import __version__
 from operators.config import ConfigError, PipelineConfig
 from operators.eval_data import (
-    ALL_TASKS, CV_TASKS, STS_YEARS, load_classification, load_clustering, read_pairs, sts_files,
+    ALL_TASKS,
+    CV_TASKS,
+    STS_YEARS,
+    load_classification,
+    load_clustering,
+    read_pairs,
+    sts_files,
 )
 from operators.metrics import classification_accuracy, clustering_v_measure, sts_spearman
 from operators.readers import looks_like_path

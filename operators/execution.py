@@ -43,7 +43,7 @@ def init_ray(cfg: PipelineConfig) -> None:
         # "local" always starts a fresh cluster, even if a `ray start` head runs on this machine.
         # Idle worker processes are kept (Ray's default keeps one per CPU and kills the rest after
         # 1 s idle): a run's actors take workers from the pool, and the read/write tasks after them
-        # would otherwise start fresh Python processes mid-run, ~1 s of CPU each.
+        # would otherwise start fresh Python processes mid-run, each paying its start-up in CPU.
         cpus = cfg.ray.num_cpus or os.cpu_count() or 1
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                  _system_config={"num_workers_soft_limit": 2 * cpus + 4})

@@ -29,7 +29,6 @@ from typing import ClassVar, Union
 
 import numpy as np
 
-
 # -- the steps ----------------------------------------------------------------------------------
 
 

@@ -5,11 +5,11 @@ formats each text (template, instruction, demonstrations) and tokenizes it into 
 windows of ids, carried to the model actors as list columns (TOKEN_COLUMNS). `plan_batches` is
 the model actors' length bucketing (`vectors.bucket` applies it).
 
-The driver loads the transformers tokenizer once and ships its Rust tokenizer to the tokenize
-stage as a `PortableTokenizer`: those workers run the `tokenizers` library alone and never import
-transformers or torch (per worker, ~3 s of CPU at start and ~240 MB of memory less: 27 MB against
-264 MB peak RSS for a process that loads the MiniLM tokenizer). Models whose tokenizer has no Rust
-backend (Python-only ones such as ByT5's) are refused by `resolve_model` before any work.
+Preparation (`prepare.prepare`) loads the transformers tokenizer once and ships its Rust tokenizer to
+the tokenize stage as a `PortableTokenizer`: those workers run the `tokenizers` library alone and
+never import transformers or torch, which would cost each of them seconds of CPU at start and
+hundreds of MB of memory (BENCHMARKS.md, "Figures the code relies on"). Models whose tokenizer
+has no Rust backend (Python-only ones such as ByT5's) are refused by `resolve_model` before any work.
 """
 
 from __future__ import annotations

@@ -45,7 +45,15 @@ from operators.execution import embed, init_ray, read_shards, tokenize, write_sh
 from operators.planning import plan_run
 from operators.prepare import prepare
 from operators.throughput import (
-    PeakMemory, add_ratios, corpus_texts, device_name, format_report, phase_result, run_baseline, write_corpus, write_report,
+    PeakMemory,
+    add_ratios,
+    corpus_texts,
+    device_name,
+    format_report,
+    phase_result,
+    run_baseline,
+    write_corpus,
+    write_report,
 )
 
 logger = logging.getLogger("corpus_embed.benchmark")

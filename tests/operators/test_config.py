@@ -52,7 +52,7 @@ def test_overrides_are_typed_and_dotted(tmp_path):
         (["extraction.poolin=mean"], ["extraction.poolin", "unknown key", "pooling", "layers"]),
         (["inputs.uri=x"], ["inputs", "unknown key", "input", "extraction"]),
         (["model.max_length=long"], ["model.max_length", "integer"]),
-        (["model.batch_size=0"], ["model.batch_size", "greater than or equal to 1"]),
+        (["model.batch_size=0"], ["model.forward_batch_size", "greater than or equal to 1"]),  # the old name, reported by the new
         (["extraction.layers=[]"], ["extraction.layers", "at least one layer"]),
         (["input.format=csv"], ["input.format", "'jsonl'", "'parquet'", "'text'", "'auto'"]),
         (["output.dtype=int8"], ["output.dtype", "'float32'", "'float16'"]),

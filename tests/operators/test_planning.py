@@ -43,7 +43,7 @@ def test_a_fresh_output_embeds_every_shard_and_a_second_plan_nothing(tmp_path, c
 
 def test_an_edited_shard_is_changed_a_new_one_new_a_removed_one_deleted(tmp_path, corpus):
     folder, cfg, prepared = corpus
-    commit(cfg, prepared)
+    plan_of_before = commit(cfg, prepared).shards
     shards = sorted(folder.glob("*.jsonl"))
     rows = shards[0].read_text().splitlines()
     shards[0].write_text("\n".join([json.dumps({"id": "s0-0", "text": "An edited sentence."}), *rows[1:]]) + "\n")
@@ -51,7 +51,8 @@ def test_an_edited_shard_is_changed_a_new_one_new_a_removed_one_deleted(tmp_path
     (folder / "part-9.jsonl").write_text(json.dumps({"id": "n", "text": "A new shard."}) + "\n")
     plan = plan_run(cfg, prepared)
     assert plan.changed == {shards[0].name} and plan.new == 1 and len(plan.todo) == 2
-    assert plan.deleted == [shards[1].name.replace(".jsonl", ".parquet")] and len(plan.done) == 1
+    gone = next(s for s in plan_of_before if s.rel == shards[1].name)
+    assert plan.deleted == [gone.output_name] and len(plan.done) == 1
 
 
 def test_a_subset_of_the_recorded_root_deletes_nothing_unless_pruning(tmp_path, corpus, caplog):

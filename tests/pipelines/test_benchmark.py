@@ -16,11 +16,11 @@ REPORT_KEYS = {
 }
 
 
-def test_benchmark_report(ray_local, tmp_path, capsys):
+def test_benchmark_report(ray_local, tmp_path, tiny_bert, capsys):
     report = tmp_path / "bench.json"
-    # one embedding actor: this checks the report, not the pool (two actors double the start-up here)
+    # one embedding actor and a tiny model: this checks the report, not the pool or MiniLM's speed
     rc = main(["--docs", "400", "--shard-docs", "80", "--memory-scale", "3", "--report", str(report), "--workdir", str(tmp_path / "w"),
-               "--set", "ray.max_actors=1"])
+               "--set", "ray.max_actors=1", "--set", f"model.name={tiny_bert}"])
     assert rc == 0
     r = json.loads(report.read_text())
     assert REPORT_KEYS <= set(r)
