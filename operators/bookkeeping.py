@@ -165,10 +165,12 @@ class RunRecord:
 
     def summary_line(self) -> str:
         c, secs = self.counts, max(self.seconds, 1e-9)
+        where = (self.out_uri or self.output) + (" (published)" if self.published else "")
+        if not c.shards_embedded and not c.shards_deleted and c.shards_unchanged == c.shards_total:
+            return f"nothing to do: all {c.shards_total} shards are up to date in {self.seconds:.1f}s -> {where}"
         extra = ""
         if c.rows_reused or c.rows_deleted:
             extra = f" ({c.rows_embedded} embedded, {c.rows_reused} reused), {c.rows_deleted} deleted"
-        where = (self.out_uri or self.output) + (" (published)" if self.published else "")
         return (
             f"done: {c.rows_written} rows written{extra}, {c.rows_rejected} rejected, {c.rows_truncated} truncated "
             f"from {c.rows_in} rows in {c.shards_embedded} shards ({c.shards_unchanged} up to date) "

@@ -368,7 +368,9 @@ def config(tmp_path, input_uri, output_uri, model, *extra):
         "output": {"uri": str(output_uri)},
         "model": {"name": model, "batch_size": 32},
         "extraction": {"pooling": "mean", "normalize": True},
-        "ray": {"batch_size": 64},
+        # one model actor, tokenization fused into the reads: fewer processes to start per run on 2
+        # cores. test_local_end_to_end_with_bad_rows and test_s3_input_and_output run the default pools.
+        "ray": {"batch_size": 64, "max_actors": 1, "tokenize_on": "tasks"},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(tree))

@@ -47,6 +47,10 @@ def test_counts_report_and_summary_line_agree_with_the_commits(run_of, tmp_path)
                                       "rows_deleted", "rows_duplicate", "tokens"]
     assert report["throughput"]["rows_per_s"] == pytest.approx(12.5)
     assert record.summary_line().startswith("done: 25 rows written, 2 rejected, 0 truncated from 27 rows in 3 shards (0 up to date) in 2.0s: 12.5 rows/s")
+    again = RunRecord.begin(cfg)
+    again.planned(plan_run(cfg, prepared), prepared)
+    again.seconds = 1.0
+    assert again.summary_line() == f"nothing to do: all 3 shards are up to date in 1.0s -> {tmp_path / 'out'}"
 
 
 def test_an_incomplete_write_records_what_was_committed_then_raises(run_of, tmp_path):

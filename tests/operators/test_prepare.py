@@ -1,44 +1,44 @@
-"""Preparation: the same result in this process and in the isolated child, and a driver that
-prepares, plans and builds the Ray chain without importing torch or transformers."""
+"""Preparation: a job's driver prepares in a child interpreter exactly what a process with
+transformers prepares in itself, gets the child's errors as themselves, and plans and builds the
+chain without ever importing torch or transformers."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-import pytest
-
 from operators.config import load_config
-from operators.models import ModelLoadError
-from operators.prepare import prepare, prepare_here
+from operators.prepare import prepare_here
 from tests.helpers import REPO, make_corpus
 
 
-def test_the_child_process_prepares_what_this_one_does(tmp_path):
-    cfg = load_config(None)
-    here, child = prepare_here(cfg), prepare(cfg, isolate=True)
-    assert child == here  # resolved model, provenance, fingerprint, tokenizer: all of it
-    assert here.dimension == 384 and here.tokenizer.digest and here.provenance["config_fingerprint"] == here.fingerprint
-    with pytest.raises(ModelLoadError, match="no weight files"):  # and its errors arrive as themselves
-        prepare(load_config(None, [f"model.name={tmp_path}"]), isolate=True)
-
-
-def test_the_driver_imports_no_torch(tmp_path):
-    """A job's driver: prepare (in a child process), plan, and the chain's stages built as Ray Data
-    operators, with neither torch nor transformers ever imported into it."""
+def test_the_driver_prepares_in_a_child_and_imports_no_torch(tmp_path):
     folder = make_corpus(tmp_path / "in", shards=2, rows=5)
+    sets = [f"input.uri={folder}", f"output.uri={tmp_path / 'out'}"]
     code = f"""
-import sys
+import pickle, sys
 from operators.config import load_config
+from operators.models import ModelLoadError
 from operators.prepare import prepare
 from operators.planning import plan_run
 import pipelines.embed_corpus, pipelines.evaluate, pipelines.fit_whitening, pipelines.benchmark, pipelines.score_sts
-cfg = load_config(None, ["input.uri={folder}", "output.uri={tmp_path / 'out'}"])
-prepared = prepare(cfg)
+cfg = load_config(None, {sets!r})
+prepared = prepare(cfg)  # no transformers here: in a child interpreter
 plan = plan_run(cfg, prepared)
-assert len(plan.todo) == 2 and prepared.dimension == 384
-print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))
+assert len(plan.todo) == 2
+try:
+    prepare(load_config(None, ["model.name={tmp_path}"]))
+except ModelLoadError as e:
+    error = str(e)
+sys.stdout.buffer.write(pickle.dumps((prepared, error, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))))
 """
-    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert got.returncode == 0, got.stderr[-3000:]
-    assert got.stdout.strip().splitlines()[-1] == "[]"
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO, timeout=300)
+    assert got.returncode == 0, got.stderr.decode()[-3000:]
+    import pickle
+
+    child, error, heavy = pickle.loads(got.stdout)
+    assert heavy == []  # the driver never imported torch or transformers
+    here = prepare_here(load_config(None, sets))
+    assert child == here  # resolved model, provenance, fingerprint, tokenizer: all of it
+    assert here.dimension == 384 and here.tokenizer.digest and here.provenance["config_fingerprint"] == here.fingerprint
+    assert "no weight files" in error  # the child's ModelLoadError, raised as itself in the driver

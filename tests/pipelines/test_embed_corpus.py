@@ -70,7 +70,7 @@ def test_local_end_to_end_with_bad_rows(ray_local, tmp_path, minilm_path):
     from sentence_transformers import SentenceTransformer
 
     corpus = make_corpus(tmp_path / "in", shards=3, rows=40, bad=True)
-    cfg, _ = config(tmp_path, corpus, tmp_path / "out", minilm_path)
+    cfg, _ = config(tmp_path, corpus, tmp_path / "out", minilm_path, "ray.max_actors=null", "ray.tokenize_on=actors")  # the default actor pools
     summary = run(cfg)
 
     n_bad = len(EXPECTED_REASONS)
@@ -136,7 +136,7 @@ def test_s3_input_and_output(ray_local, tmp_path, s3_bucket, tiny_bert):
     local = make_corpus(tmp_path / "in", shards=2, rows=30)
     for p in local.iterdir():
         fs.put_file(str(p), f"{s3_bucket}/corpus/{p.name}")
-    cfg, _ = config(tmp_path, f"s3://{s3_bucket}/corpus/", f"s3://{s3_bucket}/vectors/", tiny_bert)
+    cfg, _ = config(tmp_path, f"s3://{s3_bucket}/corpus/", f"s3://{s3_bucket}/vectors/", tiny_bert, "ray.max_actors=null", "ray.tokenize_on=actors")
     summary = run(cfg)
     assert (summary.counts.rows_written, summary.counts.shards_embedded) == (60, 2)
     shards = list_shards(f"s3://{s3_bucket}/corpus/", "auto", cfg.input.storage)
@@ -220,16 +220,19 @@ def test_kill_then_resume_equals_a_clean_run(ray_local, tmp_path, minilm_path):
     resumed = run(load_config(path, ["ray.rows_per_call=8", "input.rows_per_block=8"]))  # in this process's Ray
     assert (resumed.counts.shards_new, resumed.counts.shards_unchanged) == (shards - committed, committed)
 
-    clean_cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"uri": str(tmp_path / "clean")})})
-    run(clean_cfg)  # uninterrupted, in this process's Ray
+    # what an uninterrupted run writes: the embedding operator on each shard's texts, in line order
+    from operators.embed import Embedder
+    from operators.prepare import prepare
 
-    fs = fsspec.filesystem("file")
-    got, want = read_vectors(fs, str(out)), read_vectors(fs, str(tmp_path / "clean"))
-    assert sorted(got) == sorted(want) and len(got) == shards * rows
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], atol=1e-5)
-    for name in (p.name for p in (tmp_path / "clean").glob("*.parquet")):
-        assert pq.read_table(out / name).column("id").to_pylist() == pq.read_table(tmp_path / "clean" / name).column("id").to_pylist()
+    embedder = Embedder(prepare(cfg).spec())
+    got = read_vectors(fsspec.filesystem("file"), str(out))
+    assert len(got) == shards * rows
+    written = [pq.read_table(p, columns=["id"]).column("id").to_pylist() for p in sorted(out.glob("*.parquet"))]
+    for path in sorted(corpus.glob("*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        want = embedder.embed_texts([r["text"] for r in records]).vectors
+        np.testing.assert_allclose(np.stack([got[r["id"]] for r in records]), want, atol=1e-5)
+        assert [r["id"] for r in records] in written  # one vector file per shard, in line order
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(e["rows_written"] for e in manifest["shards"]) == shards * rows
     assert not (out / "_staging").exists()
