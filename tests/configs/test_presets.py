@@ -1,5 +1,6 @@
 """Model presets: each is a complete config citing its source; the offline-loadable ones run.
-The real SmolLM2 PromptEOL preset goes through the whole pipeline on local Ray.
+The real SmolLM2 PromptEOL preset ranks paraphrases first; its extraction runs through the whole
+pipeline on local Ray on a tiny decoder.
 """
 
 from __future__ import annotations
@@ -34,24 +35,21 @@ def test_preset_is_a_complete_config_that_cites_its_source(preset):
         resolve_model(cfg.model, cfg.extraction)
 
 
-def test_smollm2_prompteol_through_the_pipeline(ray_local, tmp_path):
+def test_smollm2_prompteol_ranks_paraphrases_first(tmp_path):
+    """The real SmolLM2 PromptEOL preset, through the embedding operator the pipeline runs: each
+    sentence is closest to its paraphrase."""
+    from operators.embed import Embedder
+    from operators.prepare import prepare
+
     pairs = [
         ("A man is playing a guitar.", "A person plays the guitar."),
         ("The cat is sleeping on the sofa.", "A cat naps on the couch."),
         ("Stocks fell sharply on Monday.", "The stock market dropped steeply at the start of the week."),
     ]
-    rows = [{"id": f"{i}{side}", "text": t} for i, pair in enumerate(pairs) for side, t in zip("ab", pair)]
-    write_jsonl(tmp_path / "in" / "pairs.jsonl", rows)
-    cfg = load_config(
-        REPO_ROOT / "configs" / "models" / "smollm2-135m-prompteol.yaml",
-        [f"input.uri={tmp_path / 'in'}", f"output.uri={tmp_path / 'out'}"],
-    )
-    summary = run(cfg)
-    assert summary.counts.rows_written == 6
-    import fsspec
-
-    v = read_vectors(fsspec.filesystem("file"), str(tmp_path / "out"))
-    assert all(x.shape == (576,) for x in v.values())
+    cfg = load_config(REPO_ROOT / "configs" / "models" / "smollm2-135m-prompteol.yaml")
+    vecs = Embedder(prepare(cfg).spec()).embed_texts([t for pair in pairs for t in pair]).vectors
+    assert vecs.shape == (6, 576)
+    v = {f"{i}{side}": vecs[2 * i + k] for i in range(3) for k, side in enumerate("ab")}
 
     def cos(a, b):
         return float(v[a] @ v[b] / np.linalg.norm(v[a]) / np.linalg.norm(v[b]))
@@ -60,3 +58,26 @@ def test_smollm2_prompteol_through_the_pipeline(ray_local, tmp_path):
         para = cos(f"{i}a", f"{i}b")
         unrelated = max(cos(f"{i}a", f"{j}{s}") for j in range(3) if j != i for s in "ab")
         assert para > unrelated, (i, para, unrelated)
+
+
+def test_the_prompteol_preset_runs_through_the_pipeline_on_a_decoder(ray_local, tmp_path, tiny_llama):
+    """The preset's extraction (PromptEOL template, last-token pooling) on a decoder LLM, end to end
+    on local Ray; the vectors equal the operator's on the same texts."""
+    from operators.embed import Embedder
+    from operators.prepare import prepare
+
+    texts = ["A man is playing a guitar.", "A cat naps on the couch.", "Stocks fell sharply on Monday."]
+    write_jsonl(tmp_path / "in" / "pairs.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    cfg = load_config(
+        REPO_ROOT / "configs" / "models" / "smollm2-135m-prompteol.yaml",
+        [f"model.name={tiny_llama}", "model.gguf_file=null", f"input.uri={tmp_path / 'in'}", f"output.uri={tmp_path / 'out'}",
+         "ray.tokenize_on=tasks"],
+    )
+    assert cfg.extraction.pooling == "last_token" and "in one word" in cfg.extraction.template
+    summary = run(cfg)
+    assert summary.counts.rows_written == 3
+    import fsspec
+
+    got = read_vectors(fsspec.filesystem("file"), str(tmp_path / "out"))
+    want = Embedder(prepare(cfg).spec()).embed_texts(texts).vectors
+    np.testing.assert_allclose(np.stack([got[str(i)] for i in range(3)]), want, atol=1e-5)

