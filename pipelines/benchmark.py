@@ -75,7 +75,9 @@ def pipeline_phase(cfg: PipelineConfig, corpus: Path, out: Path, noop: bool = Fa
             ds = read_shards(cfg, plan)
             ds = tokenize(ds, cfg, prepared, inputs=len(plan.todo))
             ds = embed(ds, cfg, prepared, "noop" if noop else "embed", blocks=plan.blocks)
-            record_outputs(cfg, plan, write_shards(ds, cfg, plan, prepared), record)
+            outcome = write_shards(ds, cfg, plan, prepared)
+            del ds  # the dataset holds its actor pools: let them go before anything below can raise
+            record_outputs(cfg, plan, outcome, record)
     return phase_result(record, mem.peak)
 
 

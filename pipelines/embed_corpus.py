@@ -50,6 +50,7 @@ def run(cfg: PipelineConfig, noop: bool = False) -> RunRecord:
                 ds = tokenize(ds, cfg, prepared, inputs=len(plan.todo))
                 ds = embed(ds, cfg, prepared, "noop" if noop else "embed", blocks=plan.blocks)
                 outcome = write_shards(ds, cfg, plan, prepared)
+                del ds  # the dataset holds its actor pools, CPUs reserved: let them go before anything below can raise
         entries = record_outputs(cfg, plan, outcome, record)  # deletions, manifest, counts; raises if incomplete
         if cfg.gate.tasks:
             with record.timed("gate_s"):
