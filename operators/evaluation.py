@@ -134,20 +134,23 @@ def embed_cached(texts: list[str], embed_fn: EmbedFn, cache_dir: str, chunk: int
         log("%d texts: %d cached, %d to embed", len(texts), len(texts) - len(todo), len(todo))
     if not todo:
         return vectors
-    keys, embs, held = [], [], 0
-    for batch_keys, batch in embed_fn([text_key(t) for t in todo], todo):
-        keys += batch_keys
-        embs.append(np.asarray(batch, dtype=np.float32))
-        held += len(batch_keys)
-        if held >= chunk:
-            emb = np.concatenate(embs)
-            cache.write_part(keys, emb)
-            vectors.update(zip(keys, emb))
-            keys, embs, held = [], [], 0
-    if keys:
+    keys: list[str] = []
+    embs: list[np.ndarray] = []
+
+    def flush() -> None:
         emb = np.concatenate(embs)
         cache.write_part(keys, emb)
         vectors.update(zip(keys, emb))
+        keys.clear()
+        embs.clear()
+
+    for batch_keys, batch in embed_fn([text_key(t) for t in todo], todo):
+        keys += batch_keys
+        embs.append(np.asarray(batch, dtype=np.float32))
+        if len(keys) >= chunk:
+            flush()
+    if keys:
+        flush()
     return vectors
 
 
