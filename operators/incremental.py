@@ -59,6 +59,12 @@ def read_previous(fs, path: str, columns=("id", "content_hash")) -> pa.Table | N
         return pf.read(columns=list(columns))
 
 
+def previous_hashes(fs, path: str) -> dict[str, str] | None:
+    """id -> content hash of a committed vector shard (what `mark_reuse` compares), or None."""
+    prev = read_previous(fs, path)
+    return dict(zip(prev.column("id").to_pylist(), prev.column("content_hash").to_pylist())) if prev is not None else None
+
+
 def mark_reuse(block: pa.Table, previous: dict[str, str] | None) -> pa.Table:
     """Add content_hash (valid rows) and reuse (True where the id's previous vector was computed
     from the same text) to a READ_SCHEMA block."""

@@ -22,7 +22,7 @@ from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
 
 from operators.config import InputConfig, StorageConfig
-from operators.incremental import mark_reuse, read_previous
+from operators.incremental import mark_reuse, previous_hashes
 from operators.readers import READ_SCHEMA, read_shard
 from operators.storage import Shard, file_fingerprint, get_fs, redact_text
 from operators.writers import DuplicateIdError, Part, RunStopped, ShardStats, WriteOutcome, commit_shard, read_provenance, stage_part
@@ -63,12 +63,7 @@ class ShardDatasource(Datasource):
         return tasks
 
     def _read(self, shard: Shard, cfg: InputConfig, previous_uri: str | None):
-        hashes = None
-        if previous_uri:
-            fs, path = get_fs(previous_uri, self.output_storage)
-            prev = read_previous(fs, path)
-            if prev is not None:
-                hashes = dict(zip(prev.column("id").to_pylist(), prev.column("content_hash").to_pylist()))
+        hashes = previous_hashes(*get_fs(previous_uri, self.output_storage)) if previous_uri else None
         for block in read_shard(shard, cfg):
             yield mark_reuse(block, hashes)
 

@@ -405,7 +405,7 @@ def commit_in_process(cfg, prepared, plan):
     import posixpath
     import uuid
 
-    from operators.incremental import mark_reuse, read_previous
+    from operators.incremental import mark_reuse, previous_hashes
     from operators.readers import read_shard
     from operators.storage import get_fs
     from operators.vectors import ARROW_FLOATS, NoopEmbedder
@@ -416,8 +416,7 @@ def commit_in_process(cfg, prepared, plan):
     model = NoopEmbedder(prepared.spec())
     outcome = WriteOutcome()
     for shard in plan.todo:
-        previous = read_previous(fs, posixpath.join(out_dir, shard.output_name)) if shard.rel in plan.changed else None
-        hashes = dict(zip(previous.column("id").to_pylist(), previous.column("content_hash").to_pylist())) if previous else None
+        hashes = previous_hashes(fs, posixpath.join(out_dir, shard.output_name)) if shard.rel in plan.changed else None
         parts = [stage_part(fs, staging, shard.output_name.removesuffix(".parquet"), model(mark_reuse(b, hashes)))
                  for b in read_shard(shard, cfg.input)]
         stats = commit_shard(fs, out_dir, staging, plan.stats_for(shard), parts, prepared.dimension,
