@@ -43,6 +43,7 @@ class RunCounts:
     rows_duplicate: int = 0
     tokens: int = 0
     padded_tokens: int = 0
+    rejected_by_reason: dict = field(default_factory=dict)  # writers.reason_key -> rows
 
     @property
     def rows_embedded(self) -> int:
@@ -57,6 +58,7 @@ class RunCounts:
         self.shards_embedded += 1
         for key in COUNT_KEYS:
             setattr(self, key, getattr(self, key) + stats.get(key, 0))
+        add_reasons(self.rejected_by_reason, stats.get("rejected_reasons") or {})
 
     def report(self) -> dict:
         """The report's counts, in its order."""
@@ -65,8 +67,14 @@ class RunCounts:
             "shards_unchanged": self.shards_unchanged, "shards_deleted": self.shards_deleted, "rows_in": self.rows_in,
             "rows_embedded": self.rows_embedded, "rows_reused": self.rows_reused, "rows_rejected": self.rows_rejected,
             "rows_truncated": self.rows_truncated, "rows_deleted": self.rows_deleted, "rows_duplicate": self.rows_duplicate,
-            "tokens": self.tokens,
+            "tokens": self.tokens, "rejected_by_reason": dict(sorted(self.rejected_by_reason.items())),
         }
+
+
+def add_reasons(total: dict, more: dict) -> dict:
+    for reason, n in more.items():
+        total[reason] = total.get(reason, 0) + n
+    return total
 
 
 @dataclass
@@ -223,7 +231,9 @@ def merge_manifest(recorded, plan, outcome: WriteOutcome) -> dict:
     for rel in plan.damaged:
         entries.pop(rel, None)
     entries.update(plan.done)
-    entries.update({s["rel"]: {k: v for k, v in s.items() if k != "deleted_ids"} for s in outcome.committed.values()})
+    for s in outcome.committed.values():
+        s.pop("deleted_ids", None)  # the deletions file has them (record_outputs), not the manifest
+        entries[s["rel"]] = s
     if plan.prunes:
         current = {s.rel for s in plan.shards}
         entries = {k: v for k, v in entries.items() if k in current}
@@ -236,8 +246,8 @@ def record_outputs(cfg: PipelineConfig, plan, outcome: WriteOutcome, record: Run
     recording what was committed) when a shard was not."""
     fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
     deletions = remove_deleted_shards(fs, out_dir, plan.deleted)
-    for stats in outcome.committed.values():
-        deletions += [{"id": i, "shard": stats["output"], "reason": "document removed"} for i in stats.get("deleted_ids", [])]
+    for stats in outcome.committed.values():  # the ids a changed shard lost go to the deletions, not the manifest
+        deletions += [{"id": i, "shard": stats["output"], "reason": "document removed"} for i in stats.pop("deleted_ids", None) or []]
     recorded = load_manifest(fs, out_dir)
     entries = merge_manifest(recorded, plan, outcome)
     if entries != recorded.entries or recorded.input_uri != plan.input_root:  # a run with nothing to do rewrites nothing

@@ -3,7 +3,7 @@
 Every pipeline, the benchmark and the tests run on Ray through these calls:
 
     init_ray(cfg)                                   a local cluster, or the one RAY_ADDRESS names
-    read_shards(cfg, plan) / read_tables(blocks)    one read task per shard / in-memory rows
+    read_shards(cfg, plan) / read_tables(blocks)    read tasks over groups of shards / in-memory rows
     tokenize(ds, cfg, prepared, inputs=...)         a small CPU pool holding the tokenizer
     embed(ds, cfg, prepared, operator, blocks=...)  the model actor pool (GPU when present)
     write_shards(ds, cfg, plan, prepared)           stage and commit one vector shard per input shard
@@ -105,6 +105,14 @@ def read_tasks(cfg: PipelineConfig) -> int:
     return cfg.ray.read_tasks or max(2, int(ray.cluster_resources().get("CPU", 1)) // 4)
 
 
+def write_tasks() -> int:
+    """Write tasks at once: one per CPU. Each reserves only io_cpus, so Ray Data would otherwise
+    run 1/io_cpus per CPU, and the extra worker processes it starts mid-run cost more than they write."""
+    import ray
+
+    return max(2, int(ray.cluster_resources().get("CPU", 1)))
+
+
 # -- the model operators, imported on the actors -------------------------------------------------
 
 
@@ -147,16 +155,18 @@ OPERATORS = {"embed": Embed, "noop": NoopEmbed, "moments": EmbedMoments}
 
 
 def read_shards(cfg: PipelineConfig, plan):
-    """One read task per shard of `plan.todo`, no re-splitting; changed shards carry their previous
-    vector file, whose ids and content hashes mark the rows to reuse."""
+    """The shards of `plan.todo` in read tasks of several small shards or one large one
+    (Plan.read_groups), each task carrying its own shards only; changed shards carry their
+    previous vector file, whose ids and content hashes mark the rows to reuse."""
     import ray
 
     from operators.ray_io import ShardDatasource
 
-    previous = {s.uri: posixpath.join(plan.out_uri, s.output_name) for s in plan.todo if s.rel in plan.changed}
+    tasks = read_tasks(cfg)
+    groups = plan.read_groups(min_groups=2 * tasks)
     return ray.data.read_datasource(
-        ShardDatasource(plan.todo, cfg.input, previous, cfg.output.storage), num_cpus=cfg.ray.io_cpus,
-        override_num_blocks=len(plan.todo), concurrency=min(read_tasks(cfg), len(plan.todo)),
+        ShardDatasource(groups, cfg.input, cfg.output.storage), num_cpus=cfg.ray.io_cpus,
+        override_num_blocks=len(groups), concurrency=min(tasks, len(groups)),
     )
 
 
@@ -215,32 +225,40 @@ def embed(ds, cfg: PipelineConfig, prepared, operator: str = "embed", blocks: in
 
 
 def write_shards(ds, cfg: PipelineConfig, plan, prepared):
-    """Stage every row under `_staging/<run>/` and commit each shard's vector file as soon as all
-    its rows have arrived (ray_io.ShardedParquetSink). Returns the sink's WriteOutcome: what was
-    committed, failed and left pending, and why the dataset stopped, if it did. Raises nothing
-    for a failed dataset: the committed shards stand and the caller records them."""
-    from operators.ray_io import ShardedParquetSink, start_coordinator
+    """Commit each shard's vector file as soon as all its rows have arrived, from memory when a
+    write task holds it whole, else through parts staged under `_staging/<run>/`
+    (ray_io.ShardedParquetSink). Returns the WriteOutcome: what was committed, failed and left
+    pending, and why the dataset stopped, if it did. Raises nothing for a failed dataset: the
+    committed shards stand and the caller records them."""
+    from operators.ray_io import ShardedParquetSink, committed_from_footers, start_coordinator
     from operators.vectors import ARROW_FLOATS
     from operators.writers import STAGING_DIR
 
-    _, out_dir = get_fs(plan.out_uri, cfg.output.storage)
+    fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
     staging = posixpath.join(out_dir, STAGING_DIR, time.strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:8])
-    plans = {s.public_uri: plan.stats_for(s) for s in plan.todo}
     sink = ShardedParquetSink(
-        start_coordinator(list(plans)), plan.out_uri, cfg.output.storage, staging, plans,
+        start_coordinator(), plan.out_uri, cfg.output.storage, staging,
         prepared.dimension, ARROW_FLOATS[cfg.output.dtype], prepared.provenance, cfg.input.duplicate_ids,
     )
     try:
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.io_cpus})
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.io_cpus}, concurrency=write_tasks())
     except Exception as e:  # the sink's on_write_failed has recorded it, unless it failed before the write began
-        if sink.outcome is None:
+        if sink.outcome is None and sink.stopped is None:
             sink.on_write_failed(e)
-    if sink.outcome.error is not None:
+    outcome = sink.outcome
+    if outcome is None:  # the coordinator was lost: what was committed is in the vector files' footers
+        outcome = committed_from_footers(fs, out_dir, (plan.stats_for(s) for s in plan.todo))
+        outcome.error = sink.stopped
+    for shard in plan.todo:  # shards none of whose rows reached the writer
+        key = shard.public_uri
+        if key not in outcome.committed and key not in outcome.failed and key not in outcome.pending:
+            outcome.pending[key] = {"rows_staged": 0, "rows_expected": None}
+    if outcome.error is not None:
         # the failed dataset's frames and exceptions form reference cycles that keep its actor
         # pools alive, CPUs reserved, until the cyclic collector runs: a run after this one in the
         # same process (a retry loop, a service) would wait for them forever
         gc.collect()
-    return sink.outcome
+    return outcome
 
 
 def iter_tables(ds):

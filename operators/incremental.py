@@ -178,6 +178,8 @@ def report_markdown(r: dict) -> str:
         f"- time: {r['durations']['total_s']:.1f}s ({', '.join(f'{k[:-2]} {v:.1f}s' for k, v in r['durations'].items() if k != 'total_s')}); "
         f"{r['throughput']['rows_per_s']:.1f} rows/s, {r['throughput']['tokens_per_s']:.0f} tokens/s",
     ]
+    if c.get("rejected_by_reason"):
+        lines.append("- rejected by reason: " + ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items()))
     if r.get("gate"):
         g = r["gate"]
         lines.append(f"- quality gate: {'passed' if g['passed'] else 'FAILED'}")

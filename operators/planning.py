@@ -33,6 +33,22 @@ from operators.writers import ShardStats, load_manifest, read_provenance
 logger = logging.getLogger("corpus_embed")
 
 
+@dataclass(frozen=True)
+class ReadUnit:
+    """What a read task needs for one shard: the shard, its commit record (ShardStats.seed, carried
+    to the writer on the eof row) and the earlier vector file whose unchanged rows are reused."""
+
+    shard: Shard
+    seed: str
+    previous: str | None = None
+
+
+# A read task takes consecutive shards up to about this many bytes, or this many shards: enough
+# to amortise a task's start over small shards, little enough that a retried task redoes little.
+GROUP_BYTES = 64 << 20
+GROUP_SHARDS = 256
+
+
 @dataclass
 class Plan:
     shards: list[Shard]
@@ -57,6 +73,29 @@ class Plan:
     def blocks(self) -> int:
         """At most how many read blocks reach the model."""
         return sum(estimated_blocks(s, self.rows_per_block) for s in self.todo)
+
+    def read_groups(self, min_groups: int = 1) -> list[list[ReadUnit]]:
+        """plan.todo as read tasks: consecutive shards (listing order) of about equal bytes, at
+        least min_groups of them (when there are as many shards), each under GROUP_BYTES and
+        GROUP_SHARDS unless one shard alone is larger."""
+        sizes = [int(s.fingerprint.get("size") or 0) for s in self.todo]
+        n = len(sizes)
+        if not n:
+            return []
+        groups = min(n, max(min_groups, -(-sum(sizes) // GROUP_BYTES), -(-n // GROUP_SHARDS)))
+        target, cap = sum(sizes) / groups, -(-n // groups)
+        out, group, size = [], [], 0
+        for shard, b in zip(self.todo, sizes):
+            group.append(self.read_unit(shard))
+            size += b
+            if size >= target or len(group) >= cap:
+                out.append(group)
+                group, size = [], 0
+        return out + ([group] if group else [])
+
+    def read_unit(self, shard: Shard) -> ReadUnit:
+        previous = posixpath.join(self.out_uri, shard.output_name) if shard.rel in self.changed else None
+        return ReadUnit(shard, self.stats_for(shard).seed(), previous)
 
     def stats_for(self, shard: Shard) -> ShardStats:
         """The empty per-shard record a commit fills in."""

@@ -37,7 +37,7 @@ READ_SCHEMA = pa.schema(
         ("shard", pa.string()),  # source URI
         ("line", pa.int64()),  # 1-based record number; on eof rows, the shard's record count
         ("reason", pa.string()),  # null when the row is embeddable
-        ("raw", pa.string()),  # a preview of a rejected record, for debugging
+        ("raw", pa.string()),  # a preview of a rejected record, for debugging; on eof rows, the shard's commit record
         ("eof", pa.bool_()),
     ]
 )
@@ -128,8 +128,8 @@ class _BlockBuilder:
         except UnicodeEncodeError:  # a lone surrogate (valid JSON: "\ud83d") in an id or a text
             return pa.table(_reject_unencodable(cols, self.derived_id), schema=READ_SCHEMA)
 
-    def finish(self, failure: str | None = None) -> pa.Table:
-        self._append("", None, self.n, failure, None, eof=True)
+    def finish(self, failure: str | None = None, seed: str | None = None) -> pa.Table:
+        self._append("", None, self.n, failure, seed, eof=True)
         return self.flush()
 
 
@@ -235,8 +235,9 @@ def _read_parquet(b: _BlockBuilder, f, cfg: InputConfig) -> Iterator[pa.Table]:
                 yield b.flush()
 
 
-def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
-    """Yield READ_SCHEMA blocks of at most `cfg.rows_per_block` rows, ending with the eof row.
+def read_shard(shard: Shard, cfg: InputConfig, seed: str | None = None) -> Iterator[pa.Table]:
+    """Yield READ_SCHEMA blocks of at most `cfg.rows_per_block` rows, ending with the eof row
+    (whose `raw` carries `seed`, the shard's commit record, to the writer).
 
     A shard whose data breaks mid-way (a truncated gzip stream, a corrupt Parquet page) does not
     fail: the rows read so far are kept and one rejected row records the error and where it
@@ -262,7 +263,7 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
             b.reject(b.n, redact_text(f"shard read error after record {b.n - 1}: {type(e).__name__}: {e}", shard.uri), None)
         else:
             failure = describe_failure(shard, b.n, e)
-    yield b.finish(failure)
+    yield b.finish(failure, seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -286,13 +286,15 @@ def check_writable(uri: str, storage: StorageConfig) -> None:
         raise InputError(f"output.uri: cannot write to {uri}: {type(e).__name__}: {e}.{hint}") from e
 
 
-def write_text_atomic(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
-    """Write `text` to a hidden temporary file beside `path`, then commit it into place."""
+def write_text_atomic(fs: fsspec.AbstractFileSystem, path: str, text) -> None:
+    """Write `text` (a string, or an iterable of strings written as they come) to a hidden
+    temporary file beside `path`, then commit it into place."""
     folder, name = posixpath.split(path)
     fs.makedirs(folder, exist_ok=True)
     tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
     with fs.open(tmp, "w") as f:
-        f.write(text)
+        for chunk in ([text] if isinstance(text, str) else text):
+            f.write(chunk)
     commit_file(fs, tmp, path)
 
 

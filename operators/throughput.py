@@ -21,7 +21,8 @@ GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 
 class PeakMemory:
-    """Peak summed RSS of this process and its descendants while the `with` block runs."""
+    """Peak summed RSS of this process and its descendants while the `with` block runs (`peak`),
+    and of this process alone (`own_peak`: the driver's)."""
 
     def __init__(self, interval: float = 0.2, tree: bool = True):
         import psutil
@@ -30,6 +31,7 @@ class PeakMemory:
         self.interval = interval
         self.tree = tree
         self.peak = 0
+        self.own_peak = 0
         self._stop = threading.Event()
 
     def sample(self) -> int:
@@ -37,6 +39,10 @@ class PeakMemory:
 
         procs = [self.proc] + (self.proc.children(recursive=True) if self.tree else [])
         total = 0
+        try:
+            self.own_peak = max(self.own_peak, self.proc.memory_info().rss)
+        except psutil.Error:
+            pass
         for p in procs:
             try:
                 total += p.memory_info().rss
@@ -96,6 +102,23 @@ def corpus_texts(cfg: PipelineConfig, docs: int) -> list[str]:
     if not texts:
         raise InputError(f"input.uri: no valid text rows in {cfg.input.uri} to build a benchmark corpus from")
     return [texts[i % len(texts)] for i in range(docs)]
+
+
+def write_corpus_uri(texts: list[str], uri: str, shards: int, storage) -> str:
+    """`texts` as `shards` JSONL shards of about equal rows under any fsspec URI (the scale runs'
+    corpus: local or object storage); returns the URI."""
+    from operators.storage import get_fs
+
+    fs, root = get_fs(uri, storage)
+    fs.makedirs(root, exist_ok=True)
+    per, extra = divmod(len(texts), shards)
+    start = 0
+    for n in range(shards):
+        stop = start + per + (n < extra)
+        body = "".join(json.dumps({"id": f"doc-{i}", "text": texts[i]}) + "\n" for i in range(start, stop))
+        fs.pipe_file(f"{root.rstrip('/')}/part-{n:06d}.jsonl", body.encode())
+        start = stop
+    return uri
 
 
 def write_corpus(texts: list[str], folder: Path, shard_docs: int) -> None:
@@ -215,4 +238,41 @@ def format_report(r: dict) -> str:
     if "model_tflops" in r:
         util = r.get("model_flops_utilisation")
         lines.append(f"  model FLOP rate: {r['model_tflops'] * 1e3:.1f} GFLOP/s" + (f", {util:.1%} of the GPU's peak" if util else ""))
+    return "\n".join(lines)
+
+
+def scale_ratios(report: dict) -> dict:
+    """Per point: seconds per shard and per row; then, for the no-op and the model runs, the largest
+    shard count against the smallest: driver peak RSS and wall time per row (the targets: <= 1.3x
+    and <= 1.5x)."""
+    for p in report["points"]:
+        p["ms_per_shard"] = 1e3 * p["seconds"] / max(p["shards"], 1)
+        p["us_per_row"] = 1e6 * p["seconds"] / max(p["rows_in"], 1)
+    for kind, noop in (("noop", True), ("model", False)):
+        same = [p for p in report["points"] if p["noop"] == noop and p["rows_in"] == (max(
+            (q["rows_in"] for q in report["points"] if q["noop"] == noop and q["shards"] != report.get("plan", {}).get("shards")), default=0))]
+        if len(same) >= 2:
+            lo, hi = min(same, key=lambda p: p["shards"]), max(same, key=lambda p: p["shards"])
+            report[f"{kind}_shards"] = [lo["shards"], hi["shards"]]
+            report[f"{kind}_driver_rss_ratio"] = hi["driver_peak_rss_bytes"] / lo["driver_peak_rss_bytes"]
+            report[f"{kind}_time_per_row_ratio"] = hi["us_per_row"] / lo["us_per_row"]
+    return report
+
+
+def format_scale_report(r: dict) -> str:
+    mib = 1 / 2**20
+    lines = [f"scale: {r['cpus']} CPUs, model {r['model']}",
+             "  run      shards      rows    wall s  ms/shard  us/row   plan s  driver peak MiB  all procs MiB"]
+    for p in r["points"] + ([dict(r["plan"], label="plan")] if r.get("plan") else []):
+        label = p.get("label") or ("noop" if p["noop"] else "model")
+        lines.append(
+            f"  {label:6s} {p['shards']:>8d} {p['rows_in']:>9d} {p['seconds']:9.1f} {p['ms_per_shard']:9.2f} {p['us_per_row']:7.1f}"
+            f" {p['plan_s']:8.1f} {p['driver_peak_rss_bytes'] * mib:16.0f} {p['peak_rss_bytes'] * mib:14.0f}"
+            + ("  (all up to date)" if p.get("again") else "")
+        )
+    for kind in ("noop", "model"):
+        if f"{kind}_shards" in r:
+            lo, hi = r[f"{kind}_shards"]
+            lines.append(f"  {kind}: {hi} shards vs {lo}: driver peak RSS {r[kind + '_driver_rss_ratio']:.2f}x, "
+                         f"wall time per row {r[kind + '_time_per_row_ratio']:.2f}x")
     return "\n".join(lines)

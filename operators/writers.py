@@ -13,12 +13,14 @@ from the reader's end-of-shard row): rows in = rows written + rows rejected, or 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import posixpath
+import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +57,7 @@ class Part:
     rows: int  # record rows, eof excluded
     eof_total: int | None  # the shard's record count, when this part holds the eof row
     failure: str | None = None  # the eof row's reason when the reader could not finish the shard
+    seed: str | None = None  # the eof row's commit record (ShardStats JSON): what the commit needs of the plan
 
 
 @dataclass
@@ -75,11 +78,37 @@ class ShardStats:
     rows_duplicate: int = 0  # rows whose id came earlier in the shard (kept or rejected: input.duplicate_ids)
     deleted_ids: list = field(default_factory=list)  # ids in the previous vector file and no longer here
     read_errors: int = 0
+    rejected_reasons: dict = field(default_factory=dict)  # reason_key -> rows rejected for it
     output_fingerprint: dict = field(default_factory=dict)  # size + etag/mtime of the committed vector file
     committed_at: float = field(default_factory=time.time)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+    def seed(self) -> str:
+        """The empty record as the eof row carries it to whichever write task commits the shard."""
+        return json.dumps(self.to_json(), sort_keys=True)
+
+    @classmethod
+    def from_seed(cls, seed: str) -> "ShardStats":
+        return cls(**json.loads(seed))
+
+
+def reason_key(reason: str) -> str:
+    """A rejection reason without its particulars (line, byte offset, parser message), to count
+    rows by: "malformed JSON: Expecting value: line 1" -> "malformed JSON"."""
+    return _PARTICULARS.split(reason, 1)[0].strip() or reason
+
+
+_PARTICULARS = re.compile(r"[:(]| after record ")
+
+
+def count_reasons(reasons: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in pc.value_counts(reasons).to_pylist():
+        key = reason_key(value["values"])
+        counts[key] = counts.get(key, 0) + value["counts"]
+    return dict(sorted(counts.items()))
 
 
 # The per-shard counts a commit records (Parquet footer, manifest) and a run sums.
@@ -125,6 +154,7 @@ def stage_part(fs, staging_dir: str, shard_key: str, table: pa.Table) -> Part:
     eof_at = int(eof.nonzero()[0][0]) if eof.any() else None
     eof_total = None if eof_at is None else int(table.column("line")[eof_at].as_py())
     failure = None if eof_at is None else table.column("reason")[eof_at].as_py()
+    seed = None if eof_at is None else table.column("raw")[eof_at].as_py()
     path = posixpath.join(staging_dir, "parts", shard_key, f"{uuid.uuid4().hex}.parquet")
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as f:
@@ -137,6 +167,7 @@ def stage_part(fs, staging_dir: str, shard_key: str, table: pa.Table) -> Part:
         rows=records.num_rows,
         eof_total=eof_total,
         failure=failure,
+        seed=seed,
     )
 
 
@@ -170,15 +201,55 @@ def commit_shard(
     provenance: dict,
     duplicate_ids: str = "reject",
 ) -> ShardStats:
-    """Merge the parts of a complete shard into its vector shard and rejected file, commit both
-    atomically, delete the parts, and return the shard's counts.
-
-    duplicate_ids: what to do with a row whose id came earlier in the shard: "keep" it (counted),
-    "reject" it (counted, reason names the first line), or "fail" the shard."""
+    """Merge the staged parts of a complete shard into its vector shard (commit_rows), then delete
+    the parts."""
     totals = [p.eof_total for p in parts if p.eof_total is not None]
     if len(set(totals)) != 1:
         raise IncompleteShardError(f"{stats.input}: no end-of-shard marker among {len(parts)} staged parts")
-    expected = totals[0]
+    stats = commit_rows(fs, output_dir, staging_dir, stats, totals[0], _ordered_record_tables(fs, parts), dimension,
+                        value_type, provenance, duplicate_ids)
+    for p in parts:
+        try:
+            fs.rm(p.path)
+        except FileNotFoundError:
+            pass
+    return stats
+
+
+def whole_shard(rows: pa.Table) -> tuple[int, pa.Table] | None:
+    """(records expected, the record rows) when `rows`, one shard's rows sorted by line, hold the
+    shard whole: its eof row (not failed) and each record 1..N exactly once. None otherwise."""
+    eof = rows.column("eof").to_numpy(zero_copy_only=False)
+    if eof.sum() != 1 or not eof[-1] or rows.column("reason")[rows.num_rows - 1].is_valid:
+        return None
+    expected = int(rows.column("line")[rows.num_rows - 1].as_py())
+    records = rows.slice(0, rows.num_rows - 1)
+    if records.num_rows != expected:
+        return None
+    lines = records.column("line").to_numpy()
+    if expected and not (lines[0] == 1 and lines[-1] == expected and (np.diff(lines) == 1).all()):
+        return None
+    return expected, records
+
+
+def commit_rows(
+    fs,
+    output_dir: str,
+    staging_dir: str,
+    stats: ShardStats,
+    expected: int,
+    tables,
+    dimension: int,
+    value_type: pa.DataType,
+    provenance: dict,
+    duplicate_ids: str = "reject",
+) -> ShardStats:
+    """Write a shard's record rows (`tables`, in line order; copies of a line are dropped) as its
+    vector shard and rejected file, after checking they are records 1..expected; commit both
+    atomically and return the shard's counts.
+
+    duplicate_ids: what to do with a row whose id came earlier in the shard: "keep" it (counted),
+    "reject" it (counted, reason names the first line), or "fail" the shard."""
     first_line: dict[str, int] = {}  # id -> first line: the shard's ids, the one per-shard set a commit holds
     duplicates = 0
     tmp = posixpath.join(staging_dir, "commit", f"{uuid.uuid4().hex}.parquet")
@@ -191,7 +262,7 @@ def commit_shard(
     previous = read_previous(fs, final, columns=("id", "embedding")) if stats.incremental else None
     ids_now: list[str] = []
     with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as writer:
-        for table in _ordered_record_tables(fs, parts):
+        for table in tables:
             lines = table.column("line").to_numpy()
             # A retried task can stage the same rows twice: keep the first copy of each line.
             keep = lines >= next_line
@@ -237,9 +308,11 @@ def commit_shard(
             stats.deleted_ids = [i for i in previous.column("id").to_pylist() if i not in now]
         stats.read_errors = int(pc.sum(pc.starts_with(rejects.column("reason"), "shard read error")).as_py() or 0)
         stats.committed_at = time.time()
-        meta = dict(provenance, input={"uri": stats.input, "rel": stats.rel, "fingerprint": stats.input_fingerprint})
-        meta["counts"] = {k: getattr(stats, k) for k in COUNT_KEYS}
-        writer.add_key_value_metadata({METADATA_KEY: json.dumps(redact(meta), sort_keys=True)})
+        meta = dict(redacted(json.dumps(provenance, sort_keys=True, default=str)),
+                    input=redact({"uri": stats.input, "rel": stats.rel, "fingerprint": stats.input_fingerprint}))
+        stats.rejected_reasons = count_reasons(rejects.column("reason"))
+        meta["counts"] = {k: getattr(stats, k) for k in (*COUNT_KEYS, "rejected_reasons")}
+        writer.add_key_value_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
     rejected_final = posixpath.join(output_dir, REJECTED_DIR, stats.output)
     if rejects.num_rows:
@@ -253,12 +326,13 @@ def commit_shard(
     commit_file(fs, tmp, final)
     fs.invalidate_cache(posixpath.dirname(final))
     stats.output_fingerprint = file_fingerprint(fs.info(final))  # later runs check the file against it
-    for p in parts:
-        try:
-            fs.rm(p.path)
-        except FileNotFoundError:
-            pass
     return stats
+
+
+@functools.lru_cache(maxsize=8)
+def redacted(provenance_json: str) -> dict:
+    """The provenance a footer carries, redacted once per run rather than once per shard (read only)."""
+    return redact(json.loads(provenance_json))
 
 
 def _mark_duplicate_ids(table: pa.Table, first_line: dict[str, int], policy: str) -> tuple[pa.Table, int]:
@@ -334,15 +408,38 @@ def load_manifest(fs, output_dir: str) -> Manifest:
     return Manifest(entries, data.get("input_uri") if isinstance(data.get("input_uri"), str) else None, damaged)
 
 
+def rejected_by_reason(entries) -> dict[str, int]:
+    """The rejected rows of manifest entries, summed by reason (entries from before the per-reason
+    counts add their rows_rejected under "unrecorded")."""
+    total: dict[str, int] = {}
+    for e in entries:
+        reasons = e.get("rejected_reasons")
+        if reasons is None and e.get("rows_rejected"):
+            reasons = {"unrecorded": e["rows_rejected"]}
+        for reason, n in (reasons or {}).items():
+            total[reason] = total.get(reason, 0) + n
+    return dict(sorted(total.items()))
+
+
 def write_manifest(fs, output_dir: str, entries: dict, config_fingerprint: str, input_uri: str | None = None) -> str:
+    """The manifest as one JSON document with one shard entry per line, streamed to the file: at
+    10^5 shards it is never one string in memory. Entries hold public URIs only (Shard.public_uri),
+    so only the header is redacted."""
     path = posixpath.join(output_dir, MANIFEST)
-    doc = {
+    header = redact({
         "format": "corpus-embed/manifest@1",
         "package_version": __version__,
         "updated_at": time.time(),
         "config_fingerprint": config_fingerprint,
         "input_uri": input_uri,
-        "shards": [entries[k] for k in sorted(entries)],
-    }
-    write_text_atomic(fs, path, json.dumps(redact(doc), indent=1, sort_keys=True))
+        "rejected_by_reason": rejected_by_reason(entries.values()),
+    })
+
+    def chunks():
+        yield json.dumps(header, sort_keys=True)[:-1] + ', "shards": [\n'
+        for n, key in enumerate(sorted(entries)):
+            yield ("" if n == 0 else ",\n") + json.dumps(entries[key], sort_keys=True)
+        yield "\n]}\n"
+
+    write_text_atomic(fs, path, chunks())
     return path

@@ -3,6 +3,7 @@
     python pipelines/benchmark.py                          # 20,000 docs, the default config
     python pipelines/benchmark.py --docs 2000 --report out/bench.json
     python pipelines/benchmark.py --config configs/models/smollm2-135m-prompteol.yaml --set model.dtype=float16
+    python pipelines/benchmark.py --scale --report out/scale.json     # cost against the number of shards
 
 On one corpus (the config's input texts, cycled to --docs documents and written as JSONL shards
 of --shard-docs) and one model, it runs:
@@ -22,13 +23,23 @@ It prints rows/s, tokens/s, their ratios, padding efficiency, peak memory and th
 rate (and utilisation on a known GPU), and writes them as JSON with --report. Peak memory is the
 sum of the resident set sizes of this process and every process it started (the local Ray cluster:
 raylet, GCS, workers), sampled every 0.2 s while a phase runs.
+
+--scale measures what a run costs against the number of shards instead: the same --scale-rows rows
+as each of --scale-shards shard counts with the no-op model, the same --scale-model-rows rows with
+the real model, then a plan of --plan-shards shards that are all up to date (embedded once first,
+no-op). Each point runs in a process of its own, so its driver peak RSS is its own; it prints per
+point the wall time, the time per shard and per row, the plan time and the driver's peak RSS, and
+the ratios of the largest shard count to the smallest. --workdir may be an object store URI
+(s3://bucket/prefix: corpus and outputs go there) and --set ray.address=... runs it on a cluster.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import subprocess
 import shutil
 import sys
 import tempfile
@@ -44,44 +55,63 @@ from operators.config import ConfigError, PipelineConfig
 from operators.execution import embed, init_ray, read_shards, tokenize, write_shards
 from operators.planning import plan_run
 from operators.prepare import prepare
+from operators.storage import get_fs
+from operators.writers import WriteOutcome
 from operators.throughput import (
     PeakMemory,
     add_ratios,
     corpus_texts,
     device_name,
     format_report,
+    format_scale_report,
     phase_result,
     run_baseline,
+    scale_ratios,
     write_corpus,
+    write_corpus_uri,
     write_report,
 )
 
 logger = logging.getLogger("corpus_embed.benchmark")
 
 
-def pipeline_phase(cfg: PipelineConfig, corpus: Path, out: Path, noop: bool = False) -> dict:
+def pipeline_phase(cfg: PipelineConfig, corpus: Path | str, out: Path | str, noop: bool = False, fresh: bool = True) -> dict:
     """The corpus pipeline's embedding chain, read to commit, on `corpus` into `out`:
-    prepare -> plan -> read -> tokenize -> embed -> write -> record (no gate, publish or sinks)."""
-    shutil.rmtree(out, ignore_errors=True)
+    prepare -> plan -> read -> tokenize -> embed -> write -> record (no gate, publish or sinks).
+    fresh: remove `out` first; else a second call on it measures a run with nothing to do."""
+    if fresh:
+        remove_tree(str(out), cfg.output.storage)
     cfg = cfg.model_copy(update={
         "input": cfg.input.model_copy(update={"uri": str(corpus), "format": "jsonl"}),
         "output": cfg.output.model_copy(update={"uri": str(out)}),
     })
     with PeakMemory() as mem:
         record = RunRecord.begin(cfg)
-        prepared = prepare(cfg)
-        plan = plan_run(cfg, prepared)
+        with record.timed("plan_s"):
+            prepared = prepare(cfg)
+            plan = plan_run(cfg, prepared)
         with record.running(cfg):
-            ds = read_shards(cfg, plan)
-            ds = tokenize(ds, cfg, prepared, inputs=len(plan.todo))
-            ds = embed(ds, cfg, prepared, "noop" if noop else "embed", blocks=plan.blocks)
-            outcome = write_shards(ds, cfg, plan, prepared)
-            del ds  # the dataset holds its actor pools: let them go before anything below can raise
+            if plan.todo:
+                init_ray(cfg)
+                ds = read_shards(cfg, plan)
+                ds = tokenize(ds, cfg, prepared, inputs=len(plan.todo))
+                ds = embed(ds, cfg, prepared, "noop" if noop else "embed", blocks=plan.blocks)
+                outcome = write_shards(ds, cfg, plan, prepared)
+                del ds  # the dataset holds its actor pools: let them go before anything below can raise
+            else:
+                outcome = WriteOutcome()
             record_outputs(cfg, plan, outcome, record)
-    return phase_result(record, mem.peak)
+    return dict(phase_result(record, mem.peak), driver_peak_rss_bytes=mem.own_peak, shards=len(plan.shards),
+                shards_embedded=record.counts.shards_embedded, plan_s=record.durations["plan_s"])
 
 
 def benchmark(cfg: PipelineConfig, args: argparse.Namespace) -> dict:
+    if args.scale_point:
+        result = scale_point(cfg, json.loads(args.scale_point))
+        write_report(result, args.report)
+        return result
+    if args.scale:
+        return scale_benchmark(cfg, args)
     if args.docs < 1 or args.shard_docs < 1 or args.memory_scale < 1:
         raise ConfigError("--docs, --shard-docs and --memory-scale must be positive")
     phases = {"baseline", "noop", "memory"} - set(args.skip)
@@ -129,6 +159,73 @@ def phases_on(cfg: PipelineConfig, docs: int, shard_docs: int, workdir: Path, ph
     return add_ratios(report, prepared.resolved)
 
 
+# -- --scale: cost against the number of shards ---------------------------------------------------
+
+
+def scale_benchmark(cfg: PipelineConfig, args: argparse.Namespace) -> dict:
+    counts = sorted({int(n) for n in args.scale_shards.split(",")})
+    if not counts or counts[0] < 1 or args.scale_rows < counts[-1] or args.plan_shards < 0:
+        raise ConfigError("--scale-shards: positive shard counts, each at most --scale-rows; --plan-shards >= 0")
+    local = "://" not in (args.workdir or "")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="corpus-embed-scale-")
+    report: dict = {"package_version": __version__, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+                    "model": cfg.model.name, "workdir": workdir if not local or args.workdir else None, "points": []}
+    runs = [(n, args.scale_rows, True) for n in counts]
+    runs += [(n, args.scale_model_rows, False) for n in counts if args.scale_model_rows >= n]
+    try:
+        for shards, rows, noop in runs:
+            point = {"shards": shards, "rows": rows, "noop": noop, "workdir": workdir}
+            report["points"].append(child_point(args, point))
+        if args.plan_shards:
+            point = {"shards": args.plan_shards, "rows": args.plan_shards, "noop": True, "workdir": workdir}
+            first = child_point(args, point)  # embeds them all (no-op): the output the plan finds up to date
+            report["points"].append(first)
+            report["plan"] = child_point(args, dict(point, again=True))
+    finally:
+        if local and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    write_report(scale_ratios(report), args.report)
+    return report
+
+
+def child_point(args: argparse.Namespace, point: dict) -> dict:
+    """One scale point in a fresh interpreter (its own driver, its own peak RSS; the local Ray
+    cluster it starts ends with it). Its log goes to <workdir or tmp>/scale-*.log."""
+    argv = [sys.executable, str(Path(__file__).resolve())] + (["--config", args.config] if args.config else [])
+    for item in args.set:
+        argv += ["--set", item]
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        argv += ["--scale-point", json.dumps(point), "--report", out.name]
+        log = Path(tempfile.gettempdir()) / f"corpus-embed-scale-{point['shards']}-{'noop' if point['noop'] else 'model'}.log"
+        logger.info("scale point: %s (log: %s)", {k: v for k, v in point.items() if k != "workdir"}, log)
+        with open(log, "w") as f:
+            rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise RuntimeError(f"scale point {point} failed (exit {rc}); see {log}")
+        return json.loads(Path(out.name).read_text())
+
+
+def scale_point(cfg: PipelineConfig, point: dict) -> dict:
+    """Write (once) the point's corpus, `rows` rows as `shards` JSONL shards, and run the pipeline
+    on it; with `again`, run it a second time on the same output (all up to date: the plan alone)."""
+    shards, rows, noop = point["shards"], point["rows"], point["noop"]
+    root = point["workdir"].rstrip("/")
+    corpus = f"{root}/corpus-{shards}x{rows}"
+    out = f"{root}/out-{shards}x{rows}-{'noop' if noop else 'model'}"
+    if not point.get("again"):
+        fs, path = get_fs(corpus, cfg.input.storage)
+        if not fs.exists(path):
+            write_corpus_uri(corpus_texts(cfg, rows), corpus, shards, cfg.input.storage)
+    result = pipeline_phase(cfg, corpus, out, noop=noop, fresh=not point.get("again"))
+    return dict(result, noop=noop, again=bool(point.get("again")), rows_in=rows)
+
+
+def remove_tree(uri: str, storage) -> None:
+    fs, path = get_fs(uri, storage)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docs", type=int, default=20000, help="corpus size in documents (default 20000)")
     p.add_argument("--shard-docs", type=int, default=2000, help="documents per input shard (default 2000)")
@@ -136,10 +233,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="where the corpus and outputs go (default: a temporary folder, removed after)")
     p.add_argument("--skip", action="append", default=[], choices=["baseline", "noop", "memory"], help="leave a phase out (repeatable)")
     p.add_argument("--memory-scale", type=int, default=10, help="the memory phase runs on docs / this (default 10)")
+    p.add_argument("--scale", action="store_true", help="measure cost against the number of shards instead (see above)")
+    p.add_argument("--scale-shards", default="100,1000,10000", help="shard counts of the scale runs (default 100,1000,10000)")
+    p.add_argument("--scale-rows", type=int, default=200_000, help="rows of each no-op scale run (default 200000)")
+    p.add_argument("--scale-model-rows", type=int, default=20_000, help="rows of each real-model scale run; 0: none (default 20000)")
+    p.add_argument("--plan-shards", type=int, default=100_000, help="up-to-date shards the plan point lists; 0: none (default 100000)")
+    p.add_argument("--scale-point", help=argparse.SUPPRESS)  # one point, run by --scale in a child process
+
+
+def summarize(report: dict) -> str:
+    return format_scale_report(report) if "points" in report else format_report(report) if "docs" in report else json.dumps(report)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(__doc__, argv, benchmark, format_report, add_arguments)
+    return cli.main(__doc__, argv, benchmark, summarize, add_arguments)
 
 
 if __name__ == "__main__":

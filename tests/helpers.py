@@ -418,7 +418,7 @@ def commit_in_process(cfg, prepared, plan):
     for shard in plan.todo:
         hashes = previous_hashes(fs, posixpath.join(out_dir, shard.output_name)) if shard.rel in plan.changed else None
         parts = [stage_part(fs, staging, shard.output_name.removesuffix(".parquet"), model(mark_reuse(b, hashes)))
-                 for b in read_shard(shard, cfg.input)]
+                 for b in read_shard(shard, cfg.input, plan.stats_for(shard).seed())]
         stats = commit_shard(fs, out_dir, staging, plan.stats_for(shard), parts, prepared.dimension,
                              ARROW_FLOATS[cfg.output.dtype], prepared.provenance, cfg.input.duplicate_ids)
         outcome.committed[shard.public_uri] = stats.to_json()

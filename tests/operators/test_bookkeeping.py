@@ -14,7 +14,7 @@ from operators.bookkeeping import RunRecord, incomplete_message, record_outputs,
 from operators.config import load_config
 from operators.planning import plan_run
 from operators.prepare import prepare
-from operators.writers import IncompleteShardError, RunStopped, WriteOutcome, load_manifest
+from operators.writers import IncompleteShardError, RunStopped, WriteOutcome, load_manifest, read_provenance
 from tests.helpers import commit_in_process, make_corpus, write_jsonl
 
 
@@ -44,7 +44,13 @@ def test_counts_report_and_summary_line_agree_with_the_commits(run_of, tmp_path)
     assert report["counts"]["rows_embedded"] == 25 and report["counts"]["shards_unchanged"] == 0
     assert list(report["counts"]) == ["shards_total", "shards_new", "shards_changed", "shards_unchanged", "shards_deleted",
                                       "rows_in", "rows_embedded", "rows_reused", "rows_rejected", "rows_truncated",
-                                      "rows_deleted", "rows_duplicate", "tokens"]
+                                      "rows_deleted", "rows_duplicate", "tokens", "rejected_by_reason"]
+    # rejections counted by reason, per shard (manifest entry, footer), in the manifest and in the report
+    by_reason = {"malformed JSON": 1, "null text": 1}
+    assert report["counts"]["rejected_by_reason"] == by_reason
+    assert entries["part-bad.jsonl"]["rejected_reasons"] == by_reason
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["rejected_by_reason"] == by_reason
+    assert read_provenance(fsspec.filesystem("file"), str(tmp_path / "out" / entries["part-bad.jsonl"]["output"]))["counts"]["rejected_reasons"] == by_reason
     assert report["throughput"]["rows_per_s"] == pytest.approx(12.5)
     assert record.summary_line().startswith("done: 25 rows written, 2 rejected, 0 truncated from 27 rows in 3 shards (0 up to date) in 2.0s: 12.5 rows/s")
     again = RunRecord.begin(cfg)
