@@ -241,7 +241,7 @@ def write_shards(ds, cfg: PipelineConfig, plan, prepared):
         prepared.dimension, ARROW_FLOATS[cfg.output.dtype], prepared.provenance, cfg.input.duplicate_ids,
     )
     try:
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.io_cpus}, concurrency=write_tasks())
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.io_cpus}, concurrency=min(write_tasks(), plan.blocks))
     except Exception as e:  # the sink's on_write_failed has recorded it, unless it failed before the write began
         if sink.outcome is None and sink.stopped is None:
             sink.on_write_failed(e)

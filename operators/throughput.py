@@ -242,20 +242,27 @@ def format_report(r: dict) -> str:
 
 
 def scale_ratios(report: dict) -> dict:
-    """Per point: seconds per shard and per row; then, for the no-op and the model runs, the largest
-    shard count against the smallest: driver peak RSS and wall time per row (the targets: <= 1.3x
-    and <= 1.5x)."""
-    for p in report["points"]:
+    """Per point: milliseconds per shard and microseconds per row; then for the no-op and the model
+    runs of one row count, the most shards against the fewest (driver peak RSS, wall time per row;
+    the targets: <= 1.3x and <= 1.5x), and for one giant shard against one of a tenth of its rows
+    (peak RSS of every process: the target <= 1.3x)."""
+    points = report["points"]
+    for p in points + ([report["plan"]] if report.get("plan") else []):
         p["ms_per_shard"] = 1e3 * p["seconds"] / max(p["shards"], 1)
         p["us_per_row"] = 1e6 * p["seconds"] / max(p["rows_in"], 1)
     for kind, noop in (("noop", True), ("model", False)):
-        same = [p for p in report["points"] if p["noop"] == noop and p["rows_in"] == (max(
-            (q["rows_in"] for q in report["points"] if q["noop"] == noop and q["shards"] != report.get("plan", {}).get("shards")), default=0))]
+        same = [p for p in points if p["noop"] == noop and not p.get("setup") and p["shards"] > 1]
+        rows = max((p["rows_in"] for p in same), default=0)
+        same = [p for p in same if p["rows_in"] == rows]
         if len(same) >= 2:
             lo, hi = min(same, key=lambda p: p["shards"]), max(same, key=lambda p: p["shards"])
             report[f"{kind}_shards"] = [lo["shards"], hi["shards"]]
             report[f"{kind}_driver_rss_ratio"] = hi["driver_peak_rss_bytes"] / lo["driver_peak_rss_bytes"]
             report[f"{kind}_time_per_row_ratio"] = hi["us_per_row"] / lo["us_per_row"]
+    giants = sorted((p for p in points if p["shards"] == 1 and p["noop"]), key=lambda p: p["rows_in"])
+    if len(giants) >= 2:
+        report["giant_rows"] = [giants[0]["rows_in"], giants[-1]["rows_in"]]
+        report["giant_peak_rss_ratio"] = giants[-1]["peak_rss_bytes"] / giants[0]["peak_rss_bytes"]
     return report
 
 
@@ -275,4 +282,6 @@ def format_scale_report(r: dict) -> str:
             lo, hi = r[f"{kind}_shards"]
             lines.append(f"  {kind}: {hi} shards vs {lo}: driver peak RSS {r[kind + '_driver_rss_ratio']:.2f}x, "
                          f"wall time per row {r[kind + '_time_per_row_ratio']:.2f}x")
+    if "giant_rows" in r:
+        lines.append(f"  one shard of {r['giant_rows'][1]} rows vs one of {r['giant_rows'][0]}: peak RSS {r['giant_peak_rss_ratio']:.2f}x")
     return "\n".join(lines)

@@ -163,24 +163,24 @@ def phases_on(cfg: PipelineConfig, docs: int, shard_docs: int, workdir: Path, ph
 
 
 def scale_benchmark(cfg: PipelineConfig, args: argparse.Namespace) -> dict:
-    counts = sorted({int(n) for n in args.scale_shards.split(",")})
-    if not counts or counts[0] < 1 or args.scale_rows < counts[-1] or args.plan_shards < 0:
-        raise ConfigError("--scale-shards: positive shard counts, each at most --scale-rows; --plan-shards >= 0")
+    counts = sorted({int(n) for n in args.scale_shards.split(",") if n.strip()})
+    if not counts or counts[0] < 1 or args.scale_rows < counts[-1] or args.plan_shards < 0 or args.giant_rows < 0:
+        raise ConfigError("--scale-shards: positive shard counts, each at most --scale-rows; --plan-shards, --giant-rows >= 0")
     local = "://" not in (args.workdir or "")
     workdir = args.workdir or tempfile.mkdtemp(prefix="corpus-embed-scale-")
     report: dict = {"package_version": __version__, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-                    "model": cfg.model.name, "workdir": workdir if not local or args.workdir else None, "points": []}
+                    "model": cfg.model.name, "points": []}
     runs = [(n, args.scale_rows, True) for n in counts]
     runs += [(n, args.scale_model_rows, False) for n in counts if args.scale_model_rows >= n]
+    if args.giant_rows:  # one shard of giant_rows against one of a tenth of it
+        runs += [(1, max(1, args.giant_rows // 10), True), (1, args.giant_rows, True)]
     try:
         for shards, rows, noop in runs:
-            point = {"shards": shards, "rows": rows, "noop": noop, "workdir": workdir}
-            report["points"].append(child_point(args, point))
+            report["points"].append(child_point(cfg, args, {"shards": shards, "rows": rows, "noop": noop, "workdir": workdir}))
         if args.plan_shards:
-            point = {"shards": args.plan_shards, "rows": args.plan_shards, "noop": True, "workdir": workdir}
-            first = child_point(args, point)  # embeds them all (no-op): the output the plan finds up to date
-            report["points"].append(first)
-            report["plan"] = child_point(args, dict(point, again=True))
+            point = {"shards": args.plan_shards, "rows": args.plan_shards, "noop": True, "workdir": workdir, "setup": True}
+            report["points"].append(child_point(cfg, args, point))  # embeds them all (no-op): the output the plan finds up to date
+            report["plan"] = child_point(cfg, args, dict(point, again=True, setup=False))
     finally:
         if local and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -188,16 +188,28 @@ def scale_benchmark(cfg: PipelineConfig, args: argparse.Namespace) -> dict:
     return report
 
 
-def child_point(args: argparse.Namespace, point: dict) -> dict:
+def point_paths(point: dict) -> tuple[str, str]:
+    """(the corpus, the output) of a scale point under its workdir."""
+    root, shards, rows = point["workdir"].rstrip("/"), point["shards"], point["rows"]
+    return f"{root}/corpus-{shards}x{rows}", f"{root}/out-{shards}x{rows}-{'noop' if point['noop'] else 'model'}"
+
+
+def child_point(cfg: PipelineConfig, args: argparse.Namespace, point: dict) -> dict:
     """One scale point in a fresh interpreter (its own driver, its own peak RSS; the local Ray
-    cluster it starts ends with it). Its log goes to <workdir or tmp>/scale-*.log."""
+    cluster it starts ends with it), on a corpus this process writes first (once per shape).
+    Its log goes to <tmp>/corpus-embed-scale-<shards>x<rows>.log."""
+    corpus, _ = point_paths(point)
+    fs, path = get_fs(corpus, cfg.input.storage)
+    if not fs.exists(path):
+        logger.info("writing %d rows as %d shards to %s", point["rows"], point["shards"], corpus)
+        write_corpus_uri(corpus_texts(cfg, point["rows"]), corpus, point["shards"], cfg.input.storage)
     argv = [sys.executable, str(Path(__file__).resolve())] + (["--config", args.config] if args.config else [])
     for item in args.set:
         argv += ["--set", item]
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         argv += ["--scale-point", json.dumps(point), "--report", out.name]
-        log = Path(tempfile.gettempdir()) / f"corpus-embed-scale-{point['shards']}-{'noop' if point['noop'] else 'model'}.log"
-        logger.info("scale point: %s (log: %s)", {k: v for k, v in point.items() if k != "workdir"}, log)
+        log = Path(tempfile.gettempdir()) / f"corpus-embed-scale-{point['shards']}x{point['rows']}.log"
+        logger.info("scale point %s (log: %s)", {k: v for k, v in point.items() if k != "workdir"}, log)
         with open(log, "w") as f:
             rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
         if rc != 0:
@@ -206,18 +218,11 @@ def child_point(args: argparse.Namespace, point: dict) -> dict:
 
 
 def scale_point(cfg: PipelineConfig, point: dict) -> dict:
-    """Write (once) the point's corpus, `rows` rows as `shards` JSONL shards, and run the pipeline
-    on it; with `again`, run it a second time on the same output (all up to date: the plan alone)."""
-    shards, rows, noop = point["shards"], point["rows"], point["noop"]
-    root = point["workdir"].rstrip("/")
-    corpus = f"{root}/corpus-{shards}x{rows}"
-    out = f"{root}/out-{shards}x{rows}-{'noop' if noop else 'model'}"
-    if not point.get("again"):
-        fs, path = get_fs(corpus, cfg.input.storage)
-        if not fs.exists(path):
-            write_corpus_uri(corpus_texts(cfg, rows), corpus, shards, cfg.input.storage)
-    result = pipeline_phase(cfg, corpus, out, noop=noop, fresh=not point.get("again"))
-    return dict(result, noop=noop, again=bool(point.get("again")), rows_in=rows)
+    """Run the pipeline on the point's corpus; with `again`, on the output an earlier point left
+    (all up to date: the plan alone)."""
+    corpus, out = point_paths(point)
+    result = pipeline_phase(cfg, corpus, out, noop=point["noop"], fresh=not point.get("again"))
+    return dict(result, noop=point["noop"], again=bool(point.get("again")), setup=bool(point.get("setup")), rows_in=point["rows"])
 
 
 def remove_tree(uri: str, storage) -> None:
@@ -238,6 +243,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-rows", type=int, default=200_000, help="rows of each no-op scale run (default 200000)")
     p.add_argument("--scale-model-rows", type=int, default=20_000, help="rows of each real-model scale run; 0: none (default 20000)")
     p.add_argument("--plan-shards", type=int, default=100_000, help="up-to-date shards the plan point lists; 0: none (default 100000)")
+    p.add_argument("--giant-rows", type=int, default=0, help="also run one shard of this many rows against one of a tenth (0: none)")
     p.add_argument("--scale-point", help=argparse.SUPPRESS)  # one point, run by --scale in a child process
 
 

@@ -91,3 +91,25 @@ def test_empty_shard_commits_an_empty_vector_shard(tmp_path):
     stats, fs, out, _ = commit(tmp_path, [rows([], total=0)])
     assert pq.read_table(f"{out}/s.parquet").num_rows == 0
     assert stats.rows_in == 0
+
+
+def test_repeated_ids_are_found_across_blocks_as_a_dict_would(tmp_path):
+    """SeenIds (hashed, sorted runs) against the plain reference: a dict of id -> first line, over
+    many blocks with ids repeating within and across them."""
+    from operators.writers import SeenIds, _mark_duplicate_ids
+
+    rng = np.random.default_rng(0)
+    ids = [f"doc-{i}" for i in rng.integers(0, 700, size=2000)]
+    seen, reference, line = SeenIds(), {}, 0
+    for size in rng.integers(1, 90, size=60):
+        chunk = ids[line : line + size]
+        if not chunk:
+            break
+        lines = list(range(line + 1, line + 1 + len(chunk)))
+        table = pa.table({"id": chunk, "line": lines, "reason": [None] * len(chunk)}, schema=pa.schema(
+            [("id", pa.string()), ("line", pa.int64()), ("reason", pa.string())]))
+        marked, n = _mark_duplicate_ids(table, seen, "reject")
+        want = [None if reference.setdefault(i, ln) == ln else f"duplicate id (first at record {reference[i]})" for i, ln in zip(chunk, lines)]
+        assert marked.column("reason").to_pylist() == want and n == sum(w is not None for w in want)
+        line += len(chunk)
+    assert sum(len(run) for run, _ in seen.runs) == len(reference) and len(seen.runs) <= 12

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.benchmark import main
 
@@ -43,6 +44,32 @@ def test_benchmark_report(ray_local, tmp_path, tiny_bert, capsys):
 def test_bad_arguments_exit_2(capsys):
     assert main(["--docs", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+    assert main(["--scale", "--scale-shards", "10,0"]) == 2
+    assert "--scale-shards" in capsys.readouterr().err
+
+
+def test_scale_points_and_their_ratios(ray_local, tmp_path):
+    """--scale's points, in this process: the same rows as 2 and 6 shards (no-op model), then the
+    6-shard output planned again (all up to date: nothing embedded); the ratios and the table."""
+    from operators.config import load_config
+    from operators.throughput import format_scale_report, scale_ratios, write_corpus_uri
+    from pipelines.benchmark import point_paths, scale_point
+
+    cfg = load_config(None, ["ray.max_actors=1", "ray.tokenize_on=tasks"])
+    points = []
+    for shards in (2, 6):
+        point = {"shards": shards, "rows": 30, "noop": True, "workdir": str(tmp_path)}
+        write_corpus_uri([f"text number {i}" for i in range(30)], point_paths(point)[0], shards, cfg.input.storage)
+        points.append(scale_point(cfg, point))
+    plan = scale_point(cfg, dict(point, again=True))
+    assert [(p["shards"], p["shards_embedded"], p["rows"]) for p in points] == [(2, 2, 30), (6, 6, 30)]
+    assert (plan["shards"], plan["shards_embedded"], plan["again"]) == (6, 0, True) and plan["plan_s"] > 0
+    assert all(0 < p["driver_peak_rss_bytes"] <= p["peak_rss_bytes"] for p in points)
+    report = scale_ratios({"cpus": 2, "model": "m", "points": points, "plan": plan})
+    assert report["noop_shards"] == [2, 6] and report["noop_driver_rss_ratio"] > 0
+    assert report["noop_time_per_row_ratio"] == pytest.approx(points[1]["seconds"] / points[0]["seconds"])
+    text = format_scale_report(report)
+    assert "noop: 6 shards vs 2" in text and "(all up to date)" in text
 
 
 
