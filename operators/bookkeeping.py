@@ -91,6 +91,7 @@ class RunRecord:
     counts: RunCounts = field(default_factory=RunCounts)
     durations: dict[str, float] = field(default_factory=dict)
     committed_shards: list[str] = field(default_factory=list)
+    shards_by_node: dict[str, int] = field(default_factory=dict)  # Ray node id (12 hex) -> shards it committed
     deleted_shards: list[str] = field(default_factory=list)
     deletions_file: str | None = None
     steady_rows_per_s: float | None = None  # between the first and the last commit: start-up left out
@@ -167,7 +168,7 @@ class RunRecord:
                 "rows_per_s": c.rows_embedded / secs, "tokens_per_s": c.tokens / secs, "padding_efficiency": c.padding_efficiency,
             },
             "durations": self.durations, "gate": self.gate, "sinks": self.sinks, "out_uri": self.out_uri,
-            "committed_shards": self.committed_shards, "deleted_shards": self.deleted_shards,
+            "committed_shards": self.committed_shards, "shards_by_node": self.shards_by_node, "deleted_shards": self.deleted_shards,
             "deletions_file": self.deletions_file, "error": self.error, "package_version": __version__,
         })
 
@@ -246,8 +247,11 @@ def record_outputs(cfg: PipelineConfig, plan, outcome: WriteOutcome, record: Run
     recording what was committed) when a shard was not."""
     fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
     deletions = remove_deleted_shards(fs, out_dir, plan.deleted)
-    for stats in outcome.committed.values():  # the ids a changed shard lost go to the deletions, not the manifest
+    for stats in outcome.committed.values():  # the ids a changed shard lost go to the deletions, the node to the report
         deletions += [{"id": i, "shard": stats["output"], "reason": "document removed"} for i in stats.pop("deleted_ids", None) or []]
+        node = stats.pop("node", None)
+        if node:
+            record.shards_by_node[node] = record.shards_by_node.get(node, 0) + 1
     recorded = load_manifest(fs, out_dir)
     entries = merge_manifest(recorded, plan, outcome)
     if entries != recorded.entries or recorded.input_uri != plan.input_root:  # a run with nothing to do rewrites nothing

@@ -35,12 +35,17 @@ logger = logging.getLogger("corpus_embed")
 
 @dataclass(frozen=True)
 class ReadUnit:
-    """What a read task needs for one shard: the shard, its commit record (ShardStats.seed, carried
-    to the writer on the eof row) and the earlier vector file whose unchanged rows are reused."""
+    """What a read task needs for one shard: the shard (the plan's own object, not a copy), what
+    its commit record is made of (`seed()`, built on the read task and carried to the writer on
+    the eof row), and the earlier vector file whose unchanged rows are reused."""
 
     shard: Shard
-    seed: str
+    config_fingerprint: str
+    incremental: bool = False
     previous: str | None = None
+
+    def seed(self) -> str:
+        return shard_stats(self.shard, self.config_fingerprint, self.incremental).seed()
 
 
 # A read task takes consecutive shards up to about this many bytes, or this many shards: enough
@@ -94,8 +99,9 @@ class Plan:
         return out + ([group] if group else [])
 
     def read_unit(self, shard: Shard) -> ReadUnit:
-        previous = posixpath.join(self.out_uri, shard.output_name) if shard.rel in self.changed else None
-        return ReadUnit(shard, self.stats_for(shard).seed(), previous)
+        changed = shard.rel in self.changed
+        previous = posixpath.join(self.out_uri, shard.output_name) if changed else None
+        return ReadUnit(shard, self.config_fingerprint, changed, previous)
 
     def stats_for(self, shard: Shard) -> ShardStats:
         """The empty per-shard record a commit fills in."""

@@ -90,7 +90,7 @@ def read_group(group: list, cfg: InputConfig, output_storage: StorageConfig):
     packed, rows = [], 0
     for unit in group:
         hashes = previous_hashes(*get_fs(unit.previous, output_storage)) if unit.previous else None
-        blocks = (mark_reuse(b, hashes) for b in read_shard(unit.shard, cfg, unit.seed))
+        blocks = (mark_reuse(b, hashes) for b in read_shard(unit.shard, cfg, unit.seed()))
         first = next(blocks)
         small = bool(first.column("eof")[first.num_rows - 1].as_py())  # its eof row came with its first block
         if packed and (not small or rows + first.num_rows > cfg.rows_per_block):
@@ -240,7 +240,8 @@ class ShardedParquetSink(Datasink[int]):
     def _collect(self, error: RunStopped | None) -> None:
         try:
             state = ray.get(self.coordinator.state.remote())
-            committed = {s: json.loads(v) for s, v in state["committed"].items()}
+            # one parse for all: the decoder then shares the keys of every record (a third of their memory at 10^5 shards)
+            committed = dict(zip(state["committed"], json.loads("[" + ",".join(state["committed"].values()) + "]")))
             self.outcome = WriteOutcome(committed, state["failed"], state["pending"], error)
         except Exception as e:  # the coordinator died with its node: the footers say what was committed
             logger.warning("the commit coordinator was lost (%s); reading what was committed from the vector files", type(e).__name__)
@@ -269,6 +270,7 @@ class ShardedParquetSink(Datasink[int]):
             seed = next((p.seed for p in parts if p.eof_total is not None), None)
             jobs.append((shard, seed, lambda parts=parts, **kw: commit_shard(parts=parts, **kw)))
         done, failed = {}, {}
+        node = ray.get_runtime_context().get_node_id()[:12]  # the run report counts commits per node
         for shard, seed, commit in jobs:
             if seed is None:  # rows that did not come from read_shards
                 failed[shard] = "not committed: its end-of-shard row carries no commit record"
@@ -283,7 +285,7 @@ class ShardedParquetSink(Datasink[int]):
                 why = str(e) if isinstance(e, DuplicateIdError) else f"commit failed: {type(e).__name__}: {e}; not committed, re-run to retry it"
                 failed[shard] = redact_text(why)
                 continue
-            done[shard] = json.dumps(stats.to_json())
+            done[shard] = json.dumps(dict(stats.to_json(), node=node))
         if done or failed:
             ray.get(self.coordinator.record.remote(done, failed))
         return len(done)

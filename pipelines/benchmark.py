@@ -43,6 +43,7 @@ import subprocess
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -166,26 +167,136 @@ def scale_benchmark(cfg: PipelineConfig, args: argparse.Namespace) -> dict:
     counts = sorted({int(n) for n in args.scale_shards.split(",") if n.strip()})
     if not counts or counts[0] < 1 or args.scale_rows < counts[-1] or args.plan_shards < 0 or args.giant_rows < 0:
         raise ConfigError("--scale-shards: positive shard counts, each at most --scale-rows; --plan-shards, --giant-rows >= 0")
-    local = "://" not in (args.workdir or "")
-    workdir = args.workdir or tempfile.mkdtemp(prefix="corpus-embed-scale-")
-    report: dict = {"package_version": __version__, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-                    "model": cfg.model.name, "points": []}
+    if args.kill_every and args.nodes < 2:
+        raise ConfigError("--kill-every needs --nodes 2 or more: it kills worker nodes")
     runs = [(n, args.scale_rows, True) for n in counts]
     runs += [(n, args.scale_model_rows, False) for n in counts if args.scale_model_rows >= n]
     if args.giant_rows:  # one shard of giant_rows against one of a tenth of it
         runs += [(1, max(1, args.giant_rows // 10), True), (1, args.giant_rows, True)]
-    try:
+    report: dict = {"package_version": __version__, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+                    "model": cfg.model.name, "nodes": args.nodes, "s3": args.s3, "kill_every_s": args.kill_every, "points": []}
+    with ScaleCluster(args) as where:
         for shards, rows, noop in runs:
-            report["points"].append(child_point(cfg, args, {"shards": shards, "rows": rows, "noop": noop, "workdir": workdir}))
+            point = {"shards": shards, "rows": rows, "noop": noop, "workdir": where.workdir}
+            report["points"].append(where.run(cfg, args, point))
         if args.plan_shards:
-            point = {"shards": args.plan_shards, "rows": args.plan_shards, "noop": True, "workdir": workdir, "setup": True}
-            report["points"].append(child_point(cfg, args, point))  # embeds them all (no-op): the output the plan finds up to date
-            report["plan"] = child_point(cfg, args, dict(point, again=True, setup=False))
-    finally:
-        if local and not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+            point = {"shards": args.plan_shards, "rows": args.plan_shards, "noop": True, "workdir": where.workdir, "setup": True}
+            report["points"].append(where.run(cfg, args, point))  # embeds them all (no-op): the output the plan finds up to date
+            report["plan"] = where.run(cfg, args, dict(point, again=True, setup=False))
     write_report(scale_ratios(report), args.report)
     return report
+
+
+class ScaleCluster:
+    """Where the scale points run: the local machine, or (--nodes N) a Ray cluster of N nodes on
+    this machine (ray.cluster_utils.Cluster: a head and N-1 workers, the CPUs split between them),
+    with (--s3) the corpus and outputs on S3 served by moto on 127.0.0.1, and (--kill-every S) a
+    worker node removed and a fresh one added every S seconds while a point runs, as Ray Data's
+    chaos release tests do. A point that fails under chaos is re-run until it finishes (at most 3
+    more times); every point's output is then checked: exactly one row per valid input row."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.cluster = self.moto = None
+        self.workdir = args.workdir or ""
+        self.address: str | None = None
+
+    def __enter__(self) -> "ScaleCluster":
+        a = self.args
+        if a.s3:
+            import boto3
+            from moto.server import ThreadedMotoServer
+
+            port = free_port()
+            os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                              AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+            self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+            self.moto.start()
+            boto3.client("s3").create_bucket(Bucket="scale")
+            self.workdir = "s3://scale/bench"
+        elif not self.workdir:
+            self.workdir = self._tmp = tempfile.mkdtemp(prefix="corpus-embed-scale-")
+        if a.nodes > 1:
+            from ray.cluster_utils import Cluster
+
+            cpus = max(1, (os.cpu_count() or 2) // a.nodes)
+            self.cpus = cpus
+            self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus})
+            for _ in range(a.nodes - 1):
+                self.cluster.add_node(num_cpus=cpus)
+            self.cluster.wait_for_nodes()
+            self.address = self.cluster.address
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cluster is not None:
+            self.cluster.shutdown()
+        if self.moto is not None:
+            self.moto.stop()
+        if getattr(self, "_tmp", None):
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def run(self, cfg: PipelineConfig, args: argparse.Namespace, point: dict) -> dict:
+        extra = ["--set", f"ray.address={self.address}"] if self.address else []
+        if not (self.args.kill_every and self.cluster is not None):
+            result = child_point(cfg, args, point, extra)
+        else:
+            stop = threading.Event()
+            killer = threading.Thread(target=self._kill_workers, args=(stop, point), daemon=True)
+            killer.start()
+            attempts, errors = 0, []
+            while True:
+                attempts += 1
+                try:
+                    result = child_point(cfg, args, dict(point, again=attempts > 1), extra)
+                    break
+                except RuntimeError as e:
+                    errors.append(str(e).splitlines()[0])
+                    if attempts > 3:
+                        raise
+            stop.set()
+            killer.join()
+            result.update(attempts=attempts, attempt_errors=errors, nodes_killed=point.get("killed", 0))
+        if not point.get("again"):
+            result["exactly_once"] = check_exactly_once(cfg, point_paths(point)[1], point["rows"])
+        return result
+
+    def _kill_workers(self, stop: threading.Event, point: dict) -> None:
+        import random
+
+        while not stop.wait(self.args.kill_every):
+            workers = [n for n in self.cluster.worker_nodes]
+            if not workers:
+                continue
+            victim = random.choice(workers)
+            self.cluster.remove_node(victim, allow_graceful=False)
+            self.cluster.add_node(num_cpus=self.cpus)
+            point["killed"] = point.get("killed", 0) + 1
+            logger.info("chaos: killed a worker node and added a fresh one (%d so far)", point["killed"])
+
+
+def check_exactly_once(cfg: PipelineConfig, out: str, rows: int) -> bool:
+    """Every vector file's ids together: `rows` of them, none twice (the benchmark corpus has no
+    bad rows)."""
+    import pyarrow.parquet as pq
+
+    fs, path = get_fs(out, cfg.output.storage)
+    ids = 0
+    unique: set[str] = set()
+    for name in sorted(fs.glob(f"{path.rstrip('/')}/*.parquet")):
+        with fs.open(name, "rb") as f:
+            col = pq.read_table(f, columns=["id"]).column("id").to_pylist()
+        ids += len(col)
+        unique.update(col)
+    return ids == len(unique) == rows
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def point_paths(point: dict) -> tuple[str, str]:
@@ -194,7 +305,7 @@ def point_paths(point: dict) -> tuple[str, str]:
     return f"{root}/corpus-{shards}x{rows}", f"{root}/out-{shards}x{rows}-{'noop' if point['noop'] else 'model'}"
 
 
-def child_point(cfg: PipelineConfig, args: argparse.Namespace, point: dict) -> dict:
+def child_point(cfg: PipelineConfig, args: argparse.Namespace, point: dict, extra: list[str] = ()) -> dict:
     """One scale point in a fresh interpreter (its own driver, its own peak RSS; the local Ray
     cluster it starts ends with it), on a corpus this process writes first (once per shape).
     Its log goes to <tmp>/corpus-embed-scale-<shards>x<rows>.log."""
@@ -206,6 +317,7 @@ def child_point(cfg: PipelineConfig, args: argparse.Namespace, point: dict) -> d
     argv = [sys.executable, str(Path(__file__).resolve())] + (["--config", args.config] if args.config else [])
     for item in args.set:
         argv += ["--set", item]
+    argv += list(extra)
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         argv += ["--scale-point", json.dumps(point), "--report", out.name]
         log = Path(tempfile.gettempdir()) / f"corpus-embed-scale-{point['shards']}x{point['rows']}.log"
@@ -244,6 +356,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-model-rows", type=int, default=20_000, help="rows of each real-model scale run; 0: none (default 20000)")
     p.add_argument("--plan-shards", type=int, default=100_000, help="up-to-date shards the plan point lists; 0: none (default 100000)")
     p.add_argument("--giant-rows", type=int, default=0, help="also run one shard of this many rows against one of a tenth (0: none)")
+    p.add_argument("--nodes", type=int, default=1, help="--scale on a Ray cluster of this many nodes on this machine (default 1: local)")
+    p.add_argument("--s3", action="store_true", help="--scale with corpus and outputs on S3 (moto on 127.0.0.1)")
+    p.add_argument("--kill-every", type=float, default=0, help="--scale: kill a worker node every this many seconds (needs --nodes >= 2)")
     p.add_argument("--scale-point", help=argparse.SUPPRESS)  # one point, run by --scale in a child process
 
 

@@ -48,50 +48,38 @@ def test_bad_arguments_exit_2(capsys):
     assert "--scale-shards" in capsys.readouterr().err
 
 
-def test_scale_points_and_their_ratios(ray_local, tmp_path):
-    """--scale's points, in this process: the same rows as 2 and 6 shards (no-op model), then the
-    6-shard output planned again (all up to date: nothing embedded); the ratios and the table."""
+def test_a_scale_point_then_its_plan(ray_local, tmp_path):
+    """A --scale point, in this process: 30 rows as 6 shards (no-op model), then the same output
+    planned again (all up to date: nothing embedded)."""
     from operators.config import load_config
-    from operators.throughput import format_scale_report, scale_ratios, write_corpus_uri
-    from pipelines.benchmark import point_paths, scale_point
+    from operators.throughput import write_corpus_uri
+    from pipelines.benchmark import check_exactly_once, point_paths, scale_point
 
     cfg = load_config(None, ["ray.max_actors=1", "ray.tokenize_on=tasks"])
-    points = []
-    for shards in (2, 6):
-        point = {"shards": shards, "rows": 30, "noop": True, "workdir": str(tmp_path)}
-        write_corpus_uri([f"text number {i}" for i in range(30)], point_paths(point)[0], shards, cfg.input.storage)
-        points.append(scale_point(cfg, point))
+    point = {"shards": 6, "rows": 30, "noop": True, "workdir": str(tmp_path)}
+    write_corpus_uri([f"text number {i}" for i in range(30)], point_paths(point)[0], 6, cfg.input.storage)
+    first = scale_point(cfg, point)
     plan = scale_point(cfg, dict(point, again=True))
-    assert [(p["shards"], p["shards_embedded"], p["rows"]) for p in points] == [(2, 2, 30), (6, 6, 30)]
+    assert (first["shards"], first["shards_embedded"], first["rows"]) == (6, 6, 30)
+    assert 0 < first["driver_peak_rss_bytes"] <= first["peak_rss_bytes"]
     assert (plan["shards"], plan["shards_embedded"], plan["again"]) == (6, 0, True) and plan["plan_s"] > 0
-    assert all(0 < p["driver_peak_rss_bytes"] <= p["peak_rss_bytes"] for p in points)
-    report = scale_ratios({"cpus": 2, "model": "m", "points": points, "plan": plan})
-    assert report["noop_shards"] == [2, 6] and report["noop_driver_rss_ratio"] > 0
-    assert report["noop_time_per_row_ratio"] == pytest.approx(points[1]["seconds"] / points[0]["seconds"])
-    text = format_scale_report(report)
-    assert "noop: 6 shards vs 2" in text and "(all up to date)" in text
+    assert check_exactly_once(cfg, point_paths(point)[1], 30) and not check_exactly_once(cfg, point_paths(point)[1], 31)
 
 
+def test_scale_ratios_take_the_most_shards_against_the_fewest():
+    from operators.throughput import format_scale_report, scale_ratios
 
+    def point(shards, rows, seconds, driver, noop=True, **kw):
+        return dict(shards=shards, rows_in=rows, seconds=seconds, driver_peak_rss_bytes=driver, peak_rss_bytes=4 * driver,
+                    plan_s=1.0, noop=noop, **kw)
 
-
-
-def test_gpu_check_script_names_what_exists_and_stops_without_a_gpu(tmp_path):
-    """pipelines/gpu_check.sh (the GPU run issue 6 asks for) names files that exist, and on a
-    machine without CUDA stops at once with exit 2 and says why."""
-    import re
-    import subprocess
-    from pathlib import Path
-
-    import torch
-
-    root = Path(__file__).resolve().parents[2]
-    script = root / "pipelines" / "gpu_check.sh"
-    text = script.read_text()
-    for path in re.findall(r"(?:configs|tests|pipelines)/[\w./-]+\.(?:py|yaml)", text):
-        assert (root / path).exists(), path
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    if not torch.cuda.is_available():
-        got = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, cwd=root, timeout=120)
-        assert got.returncode == 2 and "no CUDA device" in got.stderr
-        assert not (tmp_path / "out").exists()  # stopped before writing anything
+    mib = 2**20
+    points = [point(100, 1000, 10.0, 300 * mib), point(10000, 1000, 14.0, 360 * mib), point(100, 200, 8.0, 320 * mib, noop=False),
+              point(1, 100, 2.0, 200 * mib), point(1, 1000, 5.0, 220 * mib), point(500, 500, 9.0, 400 * mib, setup=True)]
+    r = scale_ratios({"cpus": 2, "model": "m", "points": points, "plan": point(500, 500, 3.0, 330 * mib, again=True)})
+    assert r["noop_shards"] == [100, 10000] and r["noop_time_per_row_ratio"] == pytest.approx(1.4)
+    assert r["noop_driver_rss_ratio"] == pytest.approx(1.2) and "model_shards" not in r  # one model point: no ratio
+    assert r["giant_rows"] == [100, 1000] and r["giant_peak_rss_ratio"] == pytest.approx(1.1)
+    assert points[1]["ms_per_shard"] == pytest.approx(1.4) and points[0]["us_per_row"] == pytest.approx(1e4)
+    text = format_scale_report(r)
+    assert "noop: 10000 shards vs 100: driver peak RSS 1.20x, wall time per row 1.40x" in text and "(all up to date)" in text
