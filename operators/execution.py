@@ -154,6 +154,18 @@ OPERATORS = {"embed": Embed, "noop": NoopEmbed, "moments": EmbedMoments}
 # -- the stages ---------------------------------------------------------------------------------
 
 
+# Ray Data merges a task's outputs into blocks of up to DataContext.target_max_block_size (128 MiB
+# by default): for one giant shard, read and tokenized in one task, that is blocks of ~400,000
+# rows and GBs in flight. 16 MiB is ~10,000 embedded rows a block.
+MAX_BLOCK_BYTES = 16 << 20
+
+
+def bound_blocks() -> None:
+    from ray.data import DataContext
+
+    DataContext.get_current().target_max_block_size = MAX_BLOCK_BYTES
+
+
 def read_shards(cfg: PipelineConfig, plan):
     """The shards of `plan.todo` in read tasks of several small shards or one large one
     (Plan.read_groups), each task carrying its own shards only; changed shards carry their
@@ -162,6 +174,7 @@ def read_shards(cfg: PipelineConfig, plan):
 
     from operators.ray_io import ShardDatasource
 
+    bound_blocks()
     tasks = read_tasks(cfg)
     groups = plan.read_groups(min_groups=2 * tasks)
     return ray.data.read_datasource(
@@ -196,11 +209,11 @@ def tokenize(ds, cfg: PipelineConfig, prepared, inputs: int | None = None):
     if cfg.ray.tokenize_on == "actors":
         tokenizers = cfg.ray.tokenize_actors or (n if actor_plan(cfg, prepared.resolved).num_gpus else 1)
         return ds.map_batches(
-            TextEncoder, fn_constructor_args=(spec, None, prepared.tokenizer), batch_format="pyarrow", batch_size=None,
+            TextEncoder, fn_constructor_args=(spec, None, prepared.tokenizer), batch_format="pyarrow", batch_size=cfg.input.rows_per_block,
             compute=ActorPoolStrategy(min_size=1, max_size=min(tokenizers, inputs or tokenizers)), num_cpus=cfg.ray.io_cpus,
         )
     return ds.map_batches(
-        tokenize_batch, fn_kwargs={"spec": spec, "portable": prepared.tokenizer}, batch_format="pyarrow", batch_size=None,
+        tokenize_batch, fn_kwargs={"spec": spec, "portable": prepared.tokenizer}, batch_format="pyarrow", batch_size=cfg.input.rows_per_block,
         num_cpus=cfg.ray.io_cpus, concurrency=n,  # the same as the read's: they fuse
     )
 

@@ -39,8 +39,8 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -57,7 +57,6 @@ from operators.execution import embed, init_ray, read_shards, tokenize, write_sh
 from operators.planning import plan_run
 from operators.prepare import prepare
 from operators.storage import get_fs
-from operators.writers import WriteOutcome
 from operators.throughput import (
     PeakMemory,
     add_ratios,
@@ -72,6 +71,7 @@ from operators.throughput import (
     write_corpus_uri,
     write_report,
 )
+from operators.writers import WriteOutcome
 
 logger = logging.getLogger("corpus_embed.benchmark")
 
@@ -240,39 +240,41 @@ class ScaleCluster:
         extra = ["--set", f"ray.address={self.address}"] if self.address else []
         if not (self.args.kill_every and self.cluster is not None):
             result = child_point(cfg, args, point, extra)
-        else:
-            stop = threading.Event()
-            killer = threading.Thread(target=self._kill_workers, args=(stop, point), daemon=True)
-            killer.start()
-            attempts, errors = 0, []
-            while True:
-                attempts += 1
-                try:
-                    result = child_point(cfg, args, dict(point, again=attempts > 1), extra)
-                    break
-                except RuntimeError as e:
-                    errors.append(str(e).splitlines()[0])
-                    if attempts > 3:
-                        raise
-            stop.set()
-            killer.join()
-            result.update(attempts=attempts, attempt_errors=errors, nodes_killed=point.get("killed", 0))
+        else:  # the point runs in a thread; this (main) thread kills nodes: Ray adds nodes from the main thread only
+            box: dict = {}
+            runner = threading.Thread(target=lambda: box.update(self._until_finished(cfg, args, point, extra)), daemon=True)
+            runner.start()
+            killed = 0
+            while runner.is_alive():
+                runner.join(self.args.kill_every)
+                if runner.is_alive():
+                    killed += self._kill_a_worker()
+            if "error" in box:
+                raise box["error"]
+            result = dict(box["result"], attempts=box["attempts"], attempt_errors=box["errors"], nodes_killed=killed)
         if not point.get("again"):
             result["exactly_once"] = check_exactly_once(cfg, point_paths(point)[1], point["rows"])
         return result
 
-    def _kill_workers(self, stop: threading.Event, point: dict) -> None:
+    @staticmethod
+    def _until_finished(cfg: PipelineConfig, args: argparse.Namespace, point: dict, extra: list[str]) -> dict:
+        errors = []
+        for attempt in range(1, 5):
+            try:
+                return {"result": child_point(cfg, args, dict(point, again=attempt > 1), extra), "attempts": attempt, "errors": errors}
+            except RuntimeError as e:
+                errors.append(str(e).splitlines()[0])
+        return {"error": RuntimeError(f"scale point {point} did not finish in 4 attempts: {errors}")}
+
+    def _kill_a_worker(self) -> int:
         import random
 
-        while not stop.wait(self.args.kill_every):
-            workers = [n for n in self.cluster.worker_nodes]
-            if not workers:
-                continue
-            victim = random.choice(workers)
-            self.cluster.remove_node(victim, allow_graceful=False)
-            self.cluster.add_node(num_cpus=self.cpus)
-            point["killed"] = point.get("killed", 0) + 1
-            logger.info("chaos: killed a worker node and added a fresh one (%d so far)", point["killed"])
+        if not self.cluster.worker_nodes:
+            return 0
+        self.cluster.remove_node(random.choice(list(self.cluster.worker_nodes)), allow_graceful=False)
+        self.cluster.add_node(num_cpus=self.cpus)
+        logger.info("chaos: killed a worker node and added a fresh one")
+        return 1
 
 
 def check_exactly_once(cfg: PipelineConfig, out: str, rows: int) -> bool:
@@ -325,7 +327,8 @@ def child_point(cfg: PipelineConfig, args: argparse.Namespace, point: dict, extr
         with open(log, "w") as f:
             rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
         if rc != 0:
-            raise RuntimeError(f"scale point {point} failed (exit {rc}); see {log}")
+            said = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.startswith("error:")]
+            raise RuntimeError(f"scale point failed (exit {rc}): {said[-1] if said else 'no error line'}; see {log}")
         return json.loads(Path(out.name).read_text())
 
 

@@ -7,6 +7,7 @@ import json
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -113,3 +114,15 @@ def test_repeated_ids_are_found_across_blocks_as_a_dict_would(tmp_path):
         assert marked.column("reason").to_pylist() == want and n == sum(w is not None for w in want)
         line += len(chunk)
     assert sum(len(run) for run, _ in seen.runs) == len(reference) and len(seen.runs) <= 12
+
+
+def test_reasons_are_counted_without_their_particulars():
+    from operators.writers import count_reasons, reason_key
+
+    assert reason_key("malformed JSON: Expecting value: line 1 column 1 (char 0)") == "malformed JSON"
+    assert reason_key("duplicate id (first at record 3)") == "duplicate id"
+    assert reason_key("shard read error after record 7: BadGzipFile: not a gzip file") == "shard read error"
+    assert reason_key("missing field 'text' (columns: a, b)") == "missing field 'text'"
+    assert reason_key("empty text") == "empty text"
+    reasons = pa.array(["empty text", "malformed JSON: x", "malformed JSON: y", None, "empty text", "null text"])
+    assert count_reasons(reasons.filter(pc.is_valid(reasons))) == {"empty text": 2, "malformed JSON": 2, "null text": 1}
