@@ -260,9 +260,9 @@ def scale_ratios(report: dict) -> dict:
             report[f"{kind}_driver_rss_ratio"] = hi["driver_peak_rss_bytes"] / lo["driver_peak_rss_bytes"]
             report[f"{kind}_time_per_row_ratio"] = hi["us_per_row"] / lo["us_per_row"]
     giants = sorted((p for p in points if p["shards"] == 1 and p["noop"]), key=lambda p: p["rows_in"])
-    if len(giants) >= 2:
-        report["giant_rows"] = [giants[0]["rows_in"], giants[-1]["rows_in"]]
-        report["giant_peak_rss_ratio"] = giants[-1]["peak_rss_bytes"] / giants[0]["peak_rss_bytes"]
+    if len(giants) >= 2:  # the two largest: --giant-rows and a tenth of it
+        report["giant_rows"] = [giants[-2]["rows_in"], giants[-1]["rows_in"]]
+        report["giant_peak_rss_ratio"] = giants[-1]["peak_rss_bytes"] / giants[-2]["peak_rss_bytes"]
     return report
 
 
@@ -275,7 +275,7 @@ def format_scale_report(r: dict) -> str:
         lines.append(
             f"  {label:6s} {p['shards']:>8d} {p['rows_in']:>9d} {p['seconds']:9.1f} {p['ms_per_shard']:9.2f} {p['us_per_row']:7.1f}"
             f" {p['plan_s']:8.1f} {p['driver_peak_rss_bytes'] * mib:16.0f} {p['peak_rss_bytes'] * mib:14.0f}"
-            + ("  (all up to date)" if p.get("again") else "")
+            + ("  (all up to date)" if p.get("again") and not p.get("shards_embedded") else f"  ({p['attempts']} attempts, {p.get('nodes_killed', 0)} nodes killed)" if p.get("attempts") else "")
         )
     for kind in ("noop", "model"):
         if f"{kind}_shards" in r:

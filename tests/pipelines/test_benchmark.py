@@ -75,7 +75,7 @@ def test_scale_ratios_take_the_most_shards_against_the_fewest():
 
     mib = 2**20
     points = [point(100, 1000, 10.0, 300 * mib), point(10000, 1000, 14.0, 360 * mib), point(100, 200, 8.0, 320 * mib, noop=False),
-              point(1, 100, 2.0, 200 * mib), point(1, 1000, 5.0, 220 * mib), point(500, 500, 9.0, 400 * mib, setup=True)]
+              point(1, 1, 1.0, 100 * mib), point(1, 100, 2.0, 200 * mib), point(1, 1000, 5.0, 220 * mib), point(500, 500, 9.0, 400 * mib, setup=True)]
     r = scale_ratios({"cpus": 2, "model": "m", "points": points, "plan": point(500, 500, 3.0, 330 * mib, again=True)})
     assert r["noop_shards"] == [100, 10000] and r["noop_time_per_row_ratio"] == pytest.approx(1.4)
     assert r["noop_driver_rss_ratio"] == pytest.approx(1.2) and "model_shards" not in r  # one model point: no ratio
