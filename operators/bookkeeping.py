@@ -21,7 +21,7 @@ from operators import __version__, models
 from operators.config import PipelineConfig, redact
 from operators.incremental import RUNS_DIR, append_run_log, new_run_id, read_previous, report_markdown, write_deletions, write_json
 from operators.storage import get_fs, redact_text, write_text_atomic
-from operators.writers import COUNT_KEYS, IncompleteShardError, WriteOutcome, load_manifest, write_manifest
+from operators.writers import COUNT_KEYS, IncompleteShardError, WriteOutcome, add_reasons, load_manifest, write_manifest
 
 logger = logging.getLogger("corpus_embed")
 
@@ -70,11 +70,6 @@ class RunCounts:
             "tokens": self.tokens, "rejected_by_reason": dict(sorted(self.rejected_by_reason.items())),
         }
 
-
-def add_reasons(total: dict, more: dict) -> dict:
-    for reason, n in more.items():
-        total[reason] = total.get(reason, 0) + n
-    return total
 
 
 @dataclass
