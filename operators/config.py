@@ -196,6 +196,11 @@ class RayConfig(_Strict):
     # the tokenize actor pool's size. One process tokenizes many times what a CPU model embeds
     # (BENCHMARKS.md, "Figures the code relies on"). None: 1 on a cluster without GPUs, read_tasks on a GPU cluster.
     tokenize_actors: int | None = Field(None, ge=1)
+    # object-store memory the run's blocks in flight may take, in MiB, over the whole cluster: Ray
+    # Data holds back the upstream stages when the queues reach it. None: 256 MiB per cluster CPU,
+    # at least 1 GiB (Ray Data keeps it under its own limit, half the object store). The blocks in flight,
+    # not the corpus, set the run's memory: a 2M-row shard streams in what a 200k-row one does.
+    object_store_mb: int | None = Field(None, ge=64)
 
     @model_validator(mode="after")
     def _bounds(self) -> "RayConfig":

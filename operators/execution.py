@@ -158,12 +158,30 @@ OPERATORS = {"embed": Embed, "noop": NoopEmbed, "moments": EmbedMoments}
 # by default): for one giant shard, read and tokenized in one task, that is blocks of ~400,000
 # rows and GBs in flight. 16 MiB is ~10,000 embedded rows a block.
 MAX_BLOCK_BYTES = 16 << 20
+OBJECT_STORE_PER_CPU = 256 << 20
+MIN_OBJECT_STORE = 1 << 30
 
 
-def bound_blocks() -> None:
+def object_store_budget(cfg: PipelineConfig, cpus: float) -> int:
+    """The bytes of blocks in flight a run may hold (ray.object_store_mb), which set its memory
+    whatever the size of the corpus or of one shard; Ray Data keeps it under its own limit."""
+    if cfg.ray.object_store_mb:
+        return cfg.ray.object_store_mb << 20
+    return max(MIN_OBJECT_STORE, int(cpus) * OBJECT_STORE_PER_CPU)
+
+
+def bound_memory(cfg: PipelineConfig) -> None:
+    """Blocks of at most MAX_BLOCK_BYTES (Ray Data merges a task's outputs into 128 MiB blocks,
+    which for a giant shard meant ~400,000-row blocks), and the execution's object-store budget
+    (object_store_budget): without one, Ray Data lets a fast read run ahead of the writes until
+    half the object store is full, so a giant shard's memory grew with its rows."""
+    import ray
     from ray.data import DataContext
 
-    DataContext.get_current().target_max_block_size = MAX_BLOCK_BYTES
+    ctx = DataContext.get_current()
+    ctx.target_max_block_size = MAX_BLOCK_BYTES
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=object_store_budget(cfg, ray.cluster_resources().get("CPU", 1)))
 
 
 def read_shards(cfg: PipelineConfig, plan):
@@ -174,7 +192,7 @@ def read_shards(cfg: PipelineConfig, plan):
 
     from operators.ray_io import ShardDatasource
 
-    bound_blocks()
+    bound_memory(cfg)
     tasks = read_tasks(cfg)
     groups = plan.read_groups(min_groups=2 * tasks)
     return ray.data.read_datasource(

@@ -22,32 +22,48 @@ GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 class PeakMemory:
     """Peak summed RSS of this process and its descendants while the `with` block runs (`peak`),
-    and of this process alone (`own_peak`: the driver's)."""
+    of this process alone (`own_peak`: the driver's), and the peak summed PSS (`pss_peak`).
 
-    def __init__(self, interval: float = 0.2, tree: bool = True):
+    Summed RSS counts a page shared by k processes k times: Ray's object store is one shared
+    mapping that every worker touches, so a longer run's RSS sum grows with the pages each worker
+    has touched, not with what the machine holds. PSS charges a shared page 1/k to each, so its
+    sum is the memory the processes hold; read from smaps, so sampled once per `pss_every` samples."""
+
+    def __init__(self, interval: float = 0.2, tree: bool = True, pss_every: int = 5):
         import psutil
 
         self.proc = psutil.Process()
         self.interval = interval
         self.tree = tree
+        self.pss_every = pss_every
         self.peak = 0
         self.own_peak = 0
+        self.pss_peak = 0
+        self._samples = 0
         self._stop = threading.Event()
 
     def sample(self) -> int:
         import psutil
 
         procs = [self.proc] + (self.proc.children(recursive=True) if self.tree else [])
-        total = 0
+        with_pss = self._samples % self.pss_every == 0
+        self._samples += 1
+        total = pss = 0
         try:
             self.own_peak = max(self.own_peak, self.proc.memory_info().rss)
         except psutil.Error:
             pass
         for p in procs:
             try:
-                total += p.memory_info().rss
+                if with_pss:
+                    m = p.memory_full_info()
+                    pss += m.pss
+                else:
+                    m = p.memory_info()
+                total += m.rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
+        self.pss_peak = max(self.pss_peak, pss)
         return total
 
     def _run(self) -> None:
@@ -177,6 +193,13 @@ def phase_result(record, peak_rss_bytes: int) -> dict:
     }
 
 
+def marginal_rows_per_s(big: dict, small: dict) -> float | None:
+    """The rows a phase adds over the same phase on fewer rows, per second it adds: the fixed costs
+    of a run (preparation, actor start, model load) cancel out. None when the larger run was not slower."""
+    rows, secs = big["rows"] - small["rows"], big["seconds"] - small["seconds"]
+    return rows / secs if rows > 0 and secs > 0 else None
+
+
 def add_ratios(report: dict, resolved) -> dict:
     """The headline figures and ratios, from the phases a report holds."""
     p = report["pipeline"]
@@ -196,6 +219,11 @@ def add_ratios(report: dict, resolved) -> dict:
             report["noop_vs_pipeline_steady"] = n_steady / p_steady
     if "pipeline_small" in report:
         report["peak_rss_ratio_vs_small"] = p["peak_rss_bytes"] / report["pipeline_small"]["peak_rss_bytes"]
+        report["pipeline_marginal_rows_per_s"] = marginal_rows_per_s(p, report["pipeline_small"])
+    if "noop_small" in report:
+        report["noop_marginal_rows_per_s"] = marginal_rows_per_s(report["noop"], report["noop_small"])
+        if report["noop_marginal_rows_per_s"] and report["pipeline_marginal_rows_per_s"]:
+            report["noop_vs_pipeline_marginal"] = report["noop_marginal_rows_per_s"] / report["pipeline_marginal_rows_per_s"]
     per_token = model_flops_per_token(resolved)
     if per_token:
         report["model_parameters_estimate"] = resolved.parameters
@@ -215,7 +243,7 @@ def write_report(report: dict, path: str | None) -> None:
 def format_report(r: dict) -> str:
     gib = 1 / 2**30
     lines = [f"device: {r['device']}; model {r['model']} ({r['dtype']}, {r['pooling']}); {r['docs']} docs"]
-    for name in ("pipeline", "baseline", "noop", "pipeline_small", "warmup"):
+    for name in ("pipeline", "baseline", "noop", "pipeline_small", "noop_small", "warmup"):
         x = r.get(name)
         if not x:
             continue
@@ -233,6 +261,9 @@ def format_report(r: dict) -> str:
     if "noop_vs_pipeline" in r:
         lines.append(f"  no-op data path / pipeline: {r['noop_vs_pipeline']:.1f}x end to end"
                      + (f", {r['noop_vs_pipeline_steady']:.1f}x in steady state" if r.get("noop_vs_pipeline_steady") else ""))
+    if r.get("noop_vs_pipeline_marginal"):
+        lines.append(f"  marginal rates (rows over the {r['memory_scale']}x smaller run): pipeline {r['pipeline_marginal_rows_per_s']:.1f} rows/s, "
+                     f"no-op {r['noop_marginal_rows_per_s']:.0f} rows/s: {r['noop_vs_pipeline_marginal']:.1f}x")
     if "peak_rss_ratio_vs_small" in r:
         lines.append(f"  peak RSS at {r['memory_scale']}x the documents: {r['peak_rss_ratio_vs_small']:.2f}x")
     if "model_tflops" in r:
@@ -245,7 +276,8 @@ def scale_ratios(report: dict) -> dict:
     """Per point: milliseconds per shard and microseconds per row; then for the no-op and the model
     runs of one row count, the most shards against the fewest (driver peak RSS, wall time per row;
     the targets: <= 1.3x and <= 1.5x), and for one giant shard against one of a tenth of its rows
-    (peak RSS of every process: the target <= 1.3x)."""
+    (peak RSS of every process: the target <= 1.3x; and PSS, which counts the object store's
+    shared pages once)."""
     points = report["points"]
     for p in points + ([report["plan"]] if report.get("plan") else []):
         p["ms_per_shard"] = 1e3 * p["seconds"] / max(p["shards"], 1)
@@ -263,18 +295,20 @@ def scale_ratios(report: dict) -> dict:
     if len(giants) >= 2:  # the two largest: --giant-rows and a tenth of it
         report["giant_rows"] = [giants[-2]["rows_in"], giants[-1]["rows_in"]]
         report["giant_peak_rss_ratio"] = giants[-1]["peak_rss_bytes"] / giants[-2]["peak_rss_bytes"]
+        if giants[-1].get("peak_pss_bytes") and giants[-2].get("peak_pss_bytes"):
+            report["giant_peak_pss_ratio"] = giants[-1]["peak_pss_bytes"] / giants[-2]["peak_pss_bytes"]
     return report
 
 
 def format_scale_report(r: dict) -> str:
     mib = 1 / 2**20
     lines = [f"scale: {r['cpus']} CPUs, model {r['model']}",
-             "  run      shards      rows    wall s  ms/shard  us/row   plan s  driver peak MiB  all procs MiB"]
+             "  run      shards      rows    wall s  ms/shard  us/row   plan s  driver peak MiB  all procs MiB (RSS, PSS)"]
     for p in r["points"] + ([dict(r["plan"], label="plan")] if r.get("plan") else []):
         label = p.get("label") or ("noop" if p["noop"] else "model")
         lines.append(
             f"  {label:6s} {p['shards']:>8d} {p['rows_in']:>9d} {p['seconds']:9.1f} {p['ms_per_shard']:9.2f} {p['us_per_row']:7.1f}"
-            f" {p['plan_s']:8.1f} {p['driver_peak_rss_bytes'] * mib:16.0f} {p['peak_rss_bytes'] * mib:14.0f}"
+            f" {p['plan_s']:8.1f} {p['driver_peak_rss_bytes'] * mib:16.0f} {p['peak_rss_bytes'] * mib:14.0f} {p.get('peak_pss_bytes', 0) * mib:6.0f}"
             + ("  (all up to date)" if p.get("again") and not p.get("shards_embedded") else f"  ({p['attempts']} attempts, {p.get('nodes_killed', 0)} nodes killed)" if p.get("attempts") else "")
         )
     for kind in ("noop", "model"):
@@ -283,5 +317,6 @@ def format_scale_report(r: dict) -> str:
             lines.append(f"  {kind}: {hi} shards vs {lo}: driver peak RSS {r[kind + '_driver_rss_ratio']:.2f}x, "
                          f"wall time per row {r[kind + '_time_per_row_ratio']:.2f}x")
     if "giant_rows" in r:
-        lines.append(f"  one shard of {r['giant_rows'][1]} rows vs one of {r['giant_rows'][0]}: peak RSS {r['giant_peak_rss_ratio']:.2f}x")
+        lines.append(f"  one shard of {r['giant_rows'][1]} rows vs one of {r['giant_rows'][0]}: peak RSS {r['giant_peak_rss_ratio']:.2f}x"
+                     + (f", peak PSS {r['giant_peak_pss_ratio']:.2f}x (shared pages counted once)" if "giant_peak_pss_ratio" in r else ""))
     return "\n".join(lines)

@@ -135,7 +135,10 @@ class RustTokenizer:
             self._tok.enable_truncation(max_length, stride=stride, strategy="longest_first", direction=self._side)
         else:
             self._tok.no_truncation()
-        encodings = self._tok.encode_batch(list(text) if batched else [text], add_special_tokens=add_special_tokens)
+        # without offsets, encode_batch_fast: the same ids and masks, ~1.4x the rate (it skips offset tracking)
+        # (tokenizers >= 0.21; older ones have encode_batch alone)
+        encode = self._tok.encode_batch if return_offsets_mapping else getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        encodings = encode(list(text) if batched else [text], add_special_tokens=add_special_tokens)
         flat, owner = [], []
         for i, e in enumerate(encodings):
             for x in [e, *e.overflowing] if return_overflowing_tokens else [e]:
@@ -164,6 +167,8 @@ class TextEncoder:
 
     def format(self, texts: list[str]) -> list[Formatted]:
         ex = self.spec.extraction
+        if not (ex.template or ex.instruction or ex.demonstrations) and ex.preprocess == "none":
+            return [Formatted(t, 0) for t in texts]  # the text as it is (format_input would return the same)
         return [
             format_input(
                 t, template=ex.template, preprocess=ex.preprocess, instruction=ex.instruction,

@@ -17,7 +17,10 @@ of --shard-docs) and one model, it runs:
 A no-op warm-up on 200 docs runs first: on a fresh cluster it starts the worker processes that
 read, tokenize and write, so every phase after it starts equal.
 Pipeline rates are end to end (the embedding actors' start and model load included); "steady"
-rates count the rows committed after the first shard over the time to the last commit.
+rates count the rows committed after the first shard over the time to the last commit; with the
+memory phase, "marginal" rates are the rows a run on --docs adds over the one on --docs /
+--memory-scale, per second it adds: start-up, preparation and model load cancel out, and unlike
+the steady rate they do not depend on how the commits of a few large shards bunch at the end.
 
 It prints rows/s, tokens/s, their ratios, padding efficiency, peak memory and the model's FLOP
 rate (and utilisation on a known GPU), and writes them as JSON with --report. Peak memory is the
@@ -102,7 +105,7 @@ def pipeline_phase(cfg: PipelineConfig, corpus: Path | str, out: Path | str, noo
             else:
                 outcome = WriteOutcome()
             record_outputs(cfg, plan, outcome, record)
-    return dict(phase_result(record, mem.peak), driver_peak_rss_bytes=mem.own_peak, shards=len(plan.shards),
+    return dict(phase_result(record, mem.peak), driver_peak_rss_bytes=mem.own_peak, peak_pss_bytes=mem.pss_peak, shards=len(plan.shards),
                 shards_embedded=record.counts.shards_embedded, plan_s=record.durations["plan_s"])
 
 
@@ -149,6 +152,8 @@ def phases_on(cfg: PipelineConfig, docs: int, shard_docs: int, workdir: Path, ph
         logger.info("memory reference: the pipeline on %d docs", small)
         report["pipeline_small"] = dict(pipeline_phase(cfg, workdir / "corpus-small", workdir / "out-small"), docs=small)
         report["memory_scale"] = memory_scale
+        if "noop" in phases:  # the marginal rates: what the extra rows cost, start-up cancelled out
+            report["noop_small"] = dict(pipeline_phase(cfg, workdir / "corpus-small", workdir / "out-noop-small", noop=True), docs=small)
     logger.info("pipeline: end to end on %d docs", docs)
     report["pipeline"] = pipeline_phase(cfg, workdir / "corpus", workdir / "out")
     if "baseline" in phases:

@@ -1,8 +1,8 @@
-"""The execution adapter: the actor pool's sizing and the read-block estimate."""
+"""The execution adapter: the actor pool's sizing, the read-block estimate, the object-store budget."""
 
 from __future__ import annotations
 
-from operators.execution import ActorPlan, actor_plan, estimated_blocks
+from operators.execution import MIN_OBJECT_STORE, OBJECT_STORE_PER_CPU, ActorPlan, actor_plan, estimated_blocks, object_store_budget
 
 
 def test_cpu_actor_pool_defaults_to_single_threaded_actors(ray_local):
@@ -31,3 +31,12 @@ def test_block_estimate_bounds_the_pool_for_small_jobs():
     assert estimated_blocks(shard(1024 * 32 * 3), 1024) == 3
     assert estimated_blocks(shard(1024 * 32 * 3 + 1), 1024) == 4
     assert estimated_blocks(shard(1024 * 4 * 3, "gzip"), 1024) == 3  # compressed: many more rows per byte
+
+
+def test_object_store_budget_follows_the_cluster_not_the_corpus():
+    from operators.config import load_config
+
+    cfg = load_config(None, [])
+    assert object_store_budget(cfg, 2) == MIN_OBJECT_STORE == 1 << 30  # a small node: the floor
+    assert object_store_budget(cfg, 64) == 64 * OBJECT_STORE_PER_CPU == 16 << 30
+    assert object_store_budget(load_config(None, ["ray.object_store_mb=300"]), 64) == 300 << 20

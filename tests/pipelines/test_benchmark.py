@@ -26,7 +26,11 @@ def test_benchmark_report(ray_local, tmp_path, tiny_bert, capsys):
     r = json.loads(report.read_text())
     assert REPORT_KEYS <= set(r)
     assert r["pipeline"]["rows"] == r["noop"]["rows"] == r["baseline"]["rows"] == 200
-    assert r["pipeline_small"]["rows"] == 66
+    assert r["pipeline_small"]["rows"] == r["noop_small"]["rows"] == 66
+    for kind in ("pipeline", "noop"):  # the marginal rate: the 134 extra rows over the extra seconds (None if none)
+        extra = r[kind]["seconds"] - r[f"{kind}_small"]["seconds"]
+        got = r[f"{kind}_marginal_rows_per_s"]
+        assert got == pytest.approx(134 / extra) if extra > 0 else got is None
     assert r["pipeline"]["tokens"] == r["noop"]["tokens"]  # the same corpus and tokenization
     assert 0.5 < r["padding_efficiency"] <= 1.0
     assert r["peak_rss_bytes"] > 100 * 2**20 and r["device"].startswith("cpu")
@@ -71,7 +75,7 @@ def test_scale_ratios_take_the_most_shards_against_the_fewest():
 
     def point(shards, rows, seconds, driver, noop=True, **kw):
         return dict(shards=shards, rows_in=rows, seconds=seconds, driver_peak_rss_bytes=driver, peak_rss_bytes=4 * driver,
-                    plan_s=1.0, noop=noop, **kw)
+                    peak_pss_bytes=3 * driver + rows * mib, plan_s=1.0, noop=noop, **kw)
 
     mib = 2**20
     points = [point(100, 1000, 10.0, 300 * mib), point(10000, 1000, 14.0, 360 * mib), point(100, 200, 8.0, 320 * mib, noop=False),
@@ -80,6 +84,8 @@ def test_scale_ratios_take_the_most_shards_against_the_fewest():
     assert r["noop_shards"] == [100, 10000] and r["noop_time_per_row_ratio"] == pytest.approx(1.4)
     assert r["noop_driver_rss_ratio"] == pytest.approx(1.2) and "model_shards" not in r  # one model point: no ratio
     assert r["giant_rows"] == [100, 1000] and r["giant_peak_rss_ratio"] == pytest.approx(1.1)
+    assert r["giant_peak_pss_ratio"] == pytest.approx((660 + 1000) / (600 + 100))
     assert points[1]["ms_per_shard"] == pytest.approx(1.4) and points[0]["us_per_row"] == pytest.approx(1e4)
     text = format_scale_report(r)
     assert "noop: 10000 shards vs 100: driver peak RSS 1.20x, wall time per row 1.40x" in text and "(all up to date)" in text
+    assert "peak RSS 1.10x, peak PSS 2.37x" in text

