@@ -20,6 +20,19 @@ from operators.storage import InputError, list_shards
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
 
 
+def pss_bytes(pid: int) -> int:
+    """A process's proportional set size, from /proc/<pid>/smaps_rollup (the kernel's own sum,
+    ~0.3 ms; psutil's memory_full_info parses all of smaps, ~5 ms); 0 where there is none."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class PeakMemory:
     """Peak summed RSS of this process and its descendants while the `with` block runs (`peak`),
     of this process alone (`own_peak`: the driver's), and the peak summed PSS (`pss_peak`).
@@ -27,42 +40,46 @@ class PeakMemory:
     Summed RSS counts a page shared by k processes k times: Ray's object store is one shared
     mapping that every worker touches, so a longer run's RSS sum grows with the pages each worker
     has touched, not with what the machine holds. PSS charges a shared page 1/k to each, so its
-    sum is the memory the processes hold; read from smaps, so sampled once per `pss_every` samples."""
+    sum is the memory the processes hold. Sampling is a tax on the run measured, so the process
+    list is refreshed once every `every` samples (listing descendants scans /proc: ~3 ms) and PSS
+    read once every `pss_every` (a Ray worker's smaps_rollup takes ~5 ms: its mappings are many)."""
 
-    def __init__(self, interval: float = 0.2, tree: bool = True, pss_every: int = 5):
+    def __init__(self, interval: float = 0.2, tree: bool = True, every: int = 5, pss_every: int = 25):
         import psutil
 
         self.proc = psutil.Process()
         self.interval = interval
         self.tree = tree
+        self.every = every
         self.pss_every = pss_every
         self.peak = 0
         self.own_peak = 0
         self.pss_peak = 0
         self._samples = 0
+        self._procs = [self.proc]
         self._stop = threading.Event()
 
     def sample(self) -> int:
         import psutil
 
-        procs = [self.proc] + (self.proc.children(recursive=True) if self.tree else [])
-        with_pss = self._samples % self.pss_every == 0
+        listing, full = self._samples % self.every == 0, self._samples % self.pss_every == 0
         self._samples += 1
-        total = pss = 0
-        try:
-            self.own_peak = max(self.own_peak, self.proc.memory_info().rss)
-        except psutil.Error:
-            pass
-        for p in procs:
+        if listing and self.tree:
             try:
-                if with_pss:
-                    m = p.memory_full_info()
-                    pss += m.pss
-                else:
-                    m = p.memory_info()
-                total += m.rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                self._procs = [self.proc] + self.proc.children(recursive=True)
+            except psutil.Error:
                 pass
+        total = pss = 0
+        for p in self._procs:
+            try:
+                rss = p.memory_info().rss
+            except psutil.Error:  # gone since the last listing
+                continue
+            total += rss
+            if p is self.proc:
+                self.own_peak = max(self.own_peak, rss)
+            if full:
+                pss += pss_bytes(p.pid)
         self.pss_peak = max(self.pss_peak, pss)
         return total
 
@@ -80,6 +97,7 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self._samples = 0  # a last full sample
         self.peak = max(self.peak, self.sample())
 
 

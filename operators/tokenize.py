@@ -238,33 +238,38 @@ class TextEncoder:
         return Encoded(ids, mapping[keep], truncated, exclude)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """The tokenize stage: the batch plus TOKEN_COLUMNS (null for rows not embedded)."""
+        """The tokenize stage: the batch plus TOKEN_COLUMNS (null for rows not embedded), built as
+        flat arrays and offsets: a text's windows are consecutive (owner never decreases)."""
         ok = embeddable(batch)
         rows = np.flatnonzero(ok)
         texts = batch.column("text").take(pa.array(rows, type=pa.int64())).to_pylist()
         enc = self.encode(texts) if texts else Encoded([], np.zeros(0, np.int64), np.zeros(0, bool))
         n = batch.num_rows
-        ids: list = [None] * n
-        lengths: list = [None] * n
-        excl: list = [None] * n
-        per_text: list[list[int]] = [[] for _ in texts]
-        for w, t in enumerate(enc.owner):
-            per_text[t].append(w)
-        for t, row in enumerate(rows):
-            ws = per_text[t]
-            ids[row] = np.concatenate([enc.windows[w] for w in ws]).astype(np.int32)
-            lengths[row] = [len(enc.windows[w]) for w in ws]
-            if enc.exclude is not None:
-                excl[row] = np.concatenate([enc.exclude[w] for w in ws])
+        lengths = enc.lengths
+        per_row_tokens = np.zeros(n, dtype=np.int64)
+        per_row_windows = np.zeros(n, dtype=np.int64)
+        per_row_tokens[rows] = np.bincount(enc.owner, weights=lengths, minlength=len(texts)).astype(np.int64)
+        per_row_windows[rows] = np.bincount(enc.owner, minlength=len(texts))
+        missing = pa.array(~ok)
+
+        def lists(values: np.ndarray, counts: np.ndarray, type_: pa.DataType) -> pa.Array:
+            offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
+            return pa.ListArray.from_arrays(offsets, pa.array(values, type=type_), mask=missing)
+
+        flat = np.concatenate(enc.windows) if enc.windows else np.zeros(0, np.int64)
         truncated = np.zeros(n, dtype=bool)
         truncated[rows] = enc.truncated
         out = batch
         for name in TOKEN_COLUMNS:
             if name in out.column_names:
                 out = out.drop_columns([name])
-        out = out.append_column("input_ids", pa.array(ids, type=pa.list_(pa.int32())))
-        out = out.append_column("window_lengths", pa.array(lengths, type=pa.list_(pa.int32())))
-        out = out.append_column("exclude", pa.array(excl, type=pa.list_(pa.bool_())))
+        out = out.append_column("input_ids", lists(flat.astype(np.int32), per_row_tokens, pa.int32()))
+        out = out.append_column("window_lengths", lists(lengths.astype(np.int32), per_row_windows, pa.int32()))
+        if enc.exclude is not None:
+            excl = lists(np.concatenate(enc.exclude) if enc.exclude else np.zeros(0, bool), per_row_tokens, pa.bool_())
+        else:
+            excl = pa.nulls(n, pa.list_(pa.bool_()))
+        out = out.append_column("exclude", excl)
         return out.append_column("truncated", pa.array(truncated, type=pa.bool_()))
 
 
