@@ -59,28 +59,128 @@ def read_previous(fs, path: str, columns=("id", "content_hash")) -> pa.Table | N
         return pf.read(columns=list(columns))
 
 
-def previous_hashes(fs, path: str) -> dict[str, str] | None:
-    """id -> content hash of a committed vector shard (what `mark_reuse` compares), or None."""
-    prev = read_previous(fs, path)
-    return dict(zip(prev.column("id").to_pylist(), prev.column("content_hash").to_pylist())) if prev is not None else None
+def id_hashes(ids: list[str]) -> np.ndarray:
+    """128-bit hashes of ids (S16), what the per-shard id sets hold and compare: a false match
+    has odds of about n^2 / 2^129."""
+    return np.array([hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=16).digest() for i in ids], dtype="S16")
 
 
-def mark_reuse(block: pa.Table, previous: dict[str, str] | None) -> pa.Table:
+class PreviousShard:
+    """A changed shard's previous vector file, in memory that is a small constant per row: its ids
+    as sorted 128-bit hashes with their rows and content hashes (32 bytes a row: ~64 MB for a
+    2,000,000-row shard, whose embeddings are 3 GB), its embeddings and ids read one row group at
+    a time as they are asked for. An id that the file holds twice resolves to its last row, as a
+    dict built over the file would. Use as a context manager (it holds the file open)."""
+
+    def __init__(self, f, pf: pq.ParquetFile):
+        self._file, self.pf = f, pf
+        names = set(pf.schema_arrow.names)
+        hashes, contents, starts = [], [], [0]
+        for g in range(pf.num_row_groups):
+            t = pf.read_row_group(g, columns=["id", "content_hash"] if "content_hash" in names else ["id"])
+            hashes.append(id_hashes(t.column("id").to_pylist()))
+            if "content_hash" in names:
+                contents.append(np.array([bytes.fromhex(h) if h else b"" for h in t.column("content_hash").to_pylist()], dtype="S8"))
+            else:  # a file from before content hashes: nothing in it can be reused
+                contents.append(np.zeros(t.num_rows, dtype="S8"))
+            starts.append(starts[-1] + t.num_rows)
+        self.starts = np.array(starts, dtype=np.int64)
+        by_row = np.concatenate(hashes) if hashes else np.zeros(0, dtype="S16")
+        self.order = np.argsort(by_row, kind="stable")  # equal hashes keep row order: the last is the id's last row
+        self.sorted = by_row[self.order]
+        self.contents = np.concatenate(contents) if contents else np.zeros(0, dtype="S8")
+        self._group: tuple[int, pa.Array] | None = None  # the last row group's embeddings read
+
+    @classmethod
+    def open(cls, fs, path: str, index_only: bool = False) -> "PreviousShard | None":
+        """The vector file at `path`, or None when there is none. index_only: close the file once
+        the index is built (what a read task's reuse marks need; embeddings and ids then fail)."""
+        if not fs.exists(path):
+            return None
+        f = fs.open(path, "rb")
+        try:
+            shard = cls(f, pq.ParquetFile(f))
+        except BaseException:
+            f.close()
+            raise
+        if index_only:
+            shard.close()
+        return shard
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "PreviousShard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def rows(self) -> int:
+        return int(self.starts[-1])
+
+    def rows_of(self, hashes: np.ndarray) -> np.ndarray:
+        """The row of each id hash in the file (its last, if repeated), or -1 when absent."""
+        at = np.searchsorted(self.sorted, hashes, side="right") - 1
+        found = (at >= 0) & (self.sorted[np.maximum(at, 0)] == hashes) if len(self.sorted) else np.zeros(len(hashes), bool)
+        return np.where(found, self.order[np.maximum(at, 0)] if len(self.sorted) else -1, -1)
+
+    def reusable(self, ids: list[str], hashes: list[str | None]) -> list[bool]:
+        """For each id, whether the file holds it with this content hash (None: a row not embedded)."""
+        if not ids:
+            return []
+        rows = self.rows_of(id_hashes(ids))
+        embedded = np.array([h is not None for h in hashes])
+        want = np.array([bytes.fromhex(h) if h else b"" for h in hashes], dtype="S8")
+        return (embedded & (rows >= 0) & (self.contents[np.maximum(rows, 0)] == want)).tolist()
+
+    def embeddings(self, rows: np.ndarray, value_type: pa.DataType) -> pa.Array:
+        """The embeddings at `rows`, in that order, reading each row group they fall in once per
+        call (and the last one kept: a changed shard's reused rows mostly come in file order)."""
+        groups = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(groups, kind="stable")
+        pieces = []
+        for g in np.unique(groups):
+            if self._group is None or self._group[0] != g:
+                col = self.pf.read_row_group(int(g), columns=["embedding"]).column("embedding").combine_chunks()
+                self._group = (int(g), col.cast(value_type))
+            pieces.append(self._group[1].take(pa.array(rows[groups == g] - self.starts[g])))
+        if not pieces:
+            return pa.array([], type=value_type)
+        stacked = pa.concat_arrays(pieces)  # grouped order; put it back in the order asked
+        return stacked.take(pa.array(np.argsort(order, kind="stable")))
+
+    def ids_absent(self, absent) -> list[str]:
+        """The file's ids for which `absent(hashes)` (a boolean mask over its rows' id hashes) is
+        true: the ids a changed shard lost, read back only from the row groups that hold one."""
+        by_row = np.empty(len(self.sorted), dtype="S16")
+        by_row[self.order] = self.sorted
+        mask = absent(by_row)
+        out: list[str] = []
+        for g in range(self.pf.num_row_groups):
+            a, b = self.starts[g], self.starts[g + 1]
+            if mask[a:b].any():
+                ids = self.pf.read_row_group(g, columns=["id"]).column("id").to_pylist()
+                out += [i for i, m in zip(ids, mask[a:b]) if m]
+        return out
+
+
+def mark_reuse(block: pa.Table, previous: "PreviousShard | None") -> pa.Table:
     """Add content_hash (valid rows) and reuse (True where the id's previous vector was computed
     from the same text) to a READ_SCHEMA block."""
     texts = block.column("text").to_pylist()
     reasons = block.column("reason").to_pylist()
     eof = block.column("eof").to_pylist()
     hashes = [content_hash(t) if (t is not None and r is None and not e) else None for t, r, e in zip(texts, reasons, eof)]
-    if previous:
-        ids = block.column("id").to_pylist()
-        reuse = [h is not None and previous.get(i) == h for i, h in zip(ids, hashes)]
+    if previous is not None and previous.rows:
+        reuse = previous.reusable(block.column("id").to_pylist(), hashes)
     else:
         reuse = [False] * block.num_rows
     return block.append_column("content_hash", pa.array(hashes, pa.string())).append_column("reuse", pa.array(reuse, pa.bool_()))
 
 
-def fill_reused(table: pa.Table, previous: pa.Table | None, embedding_type: pa.DataType) -> tuple[pa.Table, int]:
+def fill_reused(table: pa.Table, previous: "PreviousShard | None", embedding_type: pa.DataType) -> tuple[pa.Table, int]:
     """Replace the (null) embeddings of `reuse` rows by the previous vectors with the same id."""
     if "reuse" not in table.column_names:
         return table, 0
@@ -89,15 +189,17 @@ def fill_reused(table: pa.Table, previous: pa.Table | None, embedding_type: pa.D
         return table, 0
     if previous is None:
         raise RuntimeError("rows were marked for reuse but the shard has no previous vector file")
-    index = {k: i for i, k in enumerate(previous.column("id").to_pylist())}
-    ids = table.column("id").to_pylist()
-    missing = [ids[i] for i in np.flatnonzero(reuse) if ids[i] not in index]
-    if missing:
+    where = np.flatnonzero(reuse)
+    ids = table.column("id").take(pa.array(where)).to_pylist()
+    rows = previous.rows_of(id_hashes(ids))
+    if (rows < 0).any():
+        missing = [i for i, r in zip(ids, rows) if r < 0]
         raise RuntimeError(f"{len(missing)} reused ids are not in the previous vector file, e.g. {missing[0]!r}")
-    take = np.array([index[ids[i]] if reuse[i] else 0 for i in range(len(ids))], dtype=np.int64)
-    old = previous.column("embedding").cast(embedding_type).take(pa.array(take))
+    old = previous.embeddings(rows, embedding_type)
+    at = np.zeros(table.num_rows, dtype=np.int64)
+    at[where] = np.arange(len(where))
     new = table.column("embedding").cast(embedding_type)
-    merged = pc.if_else(pa.array(reuse), old, new)
+    merged = pc.if_else(pa.array(reuse), old.take(pa.array(at)), new)
     col = table.column_names.index("embedding")
     return table.set_column(col, table.schema.field("embedding").with_type(embedding_type), merged), int(reuse.sum())
 

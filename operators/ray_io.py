@@ -33,7 +33,7 @@ from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
 
 from operators.config import InputConfig, StorageConfig
-from operators.incremental import mark_reuse, previous_hashes
+from operators.incremental import PreviousShard, mark_reuse
 from operators.readers import READ_SCHEMA, read_shard
 from operators.storage import file_fingerprint, get_fs, redact_text
 from operators.writers import (
@@ -89,8 +89,8 @@ def read_group(group: list, cfg: InputConfig, output_storage: StorageConfig):
     write task whole; a larger shard keeps its own blocks."""
     packed, rows = [], 0
     for unit in group:
-        hashes = previous_hashes(*get_fs(unit.previous, output_storage)) if unit.previous else None
-        blocks = (mark_reuse(b, hashes) for b in read_shard(unit.shard, cfg, unit.seed()))
+        previous = PreviousShard.open(*get_fs(unit.previous, output_storage), index_only=True) if unit.previous else None
+        blocks = (mark_reuse(b, previous) for b in read_shard(unit.shard, cfg, unit.seed()))
         first = next(blocks)
         small = bool(first.column("eof")[first.num_rows - 1].as_py())  # its eof row came with its first block
         if packed and (not small or rows + first.num_rows > cfg.rows_per_block):

@@ -13,8 +13,8 @@ from the reader's end-of-shard row): rows in = rows written + rows rejected, or 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import json
 import logging
 import posixpath
@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from operators import __version__
 from operators.config import redact
-from operators.incremental import fill_reused, read_previous
+from operators.incremental import PreviousShard, fill_reused, id_hashes
 from operators.storage import commit_file, file_fingerprint, redact_text, write_text_atomic
 
 METADATA_KEY = b"corpus_embed"
@@ -260,8 +260,11 @@ def commit_rows(
     written = truncated = tokens = padded = reused = 0
     schema = vector_schema(dimension, value_type)
     final = posixpath.join(output_dir, stats.output)
-    previous = read_previous(fs, final, columns=("id", "embedding")) if stats.incremental else None
-    with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+    # a changed shard's previous vectors: an index of its ids, embeddings read a row group at a time
+    previous = PreviousShard.open(fs, final) if stats.incremental else None
+    with contextlib.ExitStack() as stack, fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+        if previous is not None:
+            stack.enter_context(previous)
         for table in tables:
             lines = table.column("line").to_numpy()
             # A retried task can stage the same rows twice: keep the first copy of each line.
@@ -301,9 +304,8 @@ def commit_rows(
         stats.padded_tokens = padded
         stats.rows_reused = reused
         stats.rows_duplicate = duplicates
-        if previous is not None:
-            before = previous.column("id").to_pylist()  # the ids of the previous vector file that are no longer here
-            stats.deleted_ids = [i for i, line in zip(before, seen.first_lines(SeenIds.hashes(before))) if line == 0]
+        if previous is not None:  # the ids of the previous vector file that are no longer here
+            stats.deleted_ids = previous.ids_absent(lambda hashes: seen.first_lines(hashes) == 0)
         stats.read_errors = int(pc.sum(pc.starts_with(rejects.column("reason"), "shard read error")).as_py() or 0)
         stats.committed_at = time.time()
         meta = dict(redacted(json.dumps(provenance, sort_keys=True, default=str)),
@@ -342,9 +344,7 @@ class SeenIds:
     def __init__(self):
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted hashes S16, their first lines)
 
-    @staticmethod
-    def hashes(ids: list[str]) -> np.ndarray:
-        return np.array([hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=16).digest() for i in ids], dtype="S16")
+    hashes = staticmethod(id_hashes)
 
     def first_lines(self, hashes: np.ndarray) -> np.ndarray:
         """For each hash, the line it first came on, or 0 when new."""

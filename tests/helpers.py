@@ -405,7 +405,7 @@ def commit_in_process(cfg, prepared, plan):
     import posixpath
     import uuid
 
-    from operators.incremental import mark_reuse, previous_hashes
+    from operators.incremental import PreviousShard, mark_reuse
     from operators.readers import read_shard
     from operators.storage import get_fs
     from operators.vectors import ARROW_FLOATS, NoopEmbedder
@@ -416,8 +416,8 @@ def commit_in_process(cfg, prepared, plan):
     model = NoopEmbedder(prepared.spec())
     outcome = WriteOutcome()
     for shard in plan.todo:
-        hashes = previous_hashes(fs, posixpath.join(out_dir, shard.output_name)) if shard.rel in plan.changed else None
-        parts = [stage_part(fs, staging, shard.output_name.removesuffix(".parquet"), model(mark_reuse(b, hashes)))
+        previous = PreviousShard.open(fs, posixpath.join(out_dir, shard.output_name), index_only=True) if shard.rel in plan.changed else None
+        parts = [stage_part(fs, staging, shard.output_name.removesuffix(".parquet"), model(mark_reuse(b, previous)))
                  for b in read_shard(shard, cfg.input, plan.stats_for(shard).seed())]
         stats = commit_shard(fs, out_dir, staging, plan.stats_for(shard), parts, prepared.dimension,
                              ARROW_FLOATS[cfg.output.dtype], prepared.provenance, cfg.input.duplicate_ids)
