@@ -18,9 +18,9 @@ import time
 from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from operators.config import ConfigError, LanceDBSinkConfig
+from operators.storage import read_parquet
 
 
 class SinkError(RuntimeError):
@@ -58,8 +58,7 @@ def lance_schema(dimension: int) -> pa.Schema:
 
 def shard_rows(fs, path: str, dimension: int) -> pa.Table:
     """A vector shard as LanceDB rows."""
-    with fs.open(path, "rb") as f:
-        t = pq.read_table(f, columns=["id", "embedding"])
+    t = read_parquet(fs, path, columns=["id", "embedding"])
     vec = t.column("embedding").cast(pa.list_(pa.float32(), dimension))
     shard = pa.array([posixpath.basename(path)] * t.num_rows, pa.string())
     return pa.Table.from_arrays([t.column("id"), vec, shard], schema=lance_schema(dimension))

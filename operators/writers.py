@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from operators import __version__
 from operators.config import redact
 from operators.incremental import PreviousShard, fill_reused, id_hashes
-from operators.storage import commit_file, file_fingerprint, redact_text, write_text_atomic
+from operators.storage import commit_file, file_fingerprint, read_parquet, redact_text, write_text_atomic
 
 METADATA_KEY = b"corpus_embed"
 MANIFEST = "manifest.json"
@@ -180,8 +180,7 @@ def _ordered_record_tables(fs, parts: list[Part]):
     disjoint = all(a.last_line < b.first_line for a, b in zip(parts, parts[1:]))
 
     def load(p: Part) -> pa.Table:
-        with fs.open(p.path, "rb") as f:
-            t = pq.read_table(f)
+        t = read_parquet(fs, p.path)
         return t.filter(pc.invert(t.column("eof")))
 
     if disjoint:

@@ -59,7 +59,7 @@ from operators.config import ConfigError, PipelineConfig
 from operators.execution import embed, init_ray, read_shards, tokenize, write_shards
 from operators.planning import plan_run
 from operators.prepare import prepare
-from operators.storage import get_fs
+from operators.storage import get_fs, read_parquet
 from operators.throughput import (
     PeakMemory,
     add_ratios,
@@ -285,14 +285,11 @@ class ScaleCluster:
 def check_exactly_once(cfg: PipelineConfig, out: str, rows: int) -> bool:
     """Every vector file's ids together: `rows` of them, none twice (the benchmark corpus has no
     bad rows)."""
-    import pyarrow.parquet as pq
-
     fs, path = get_fs(out, cfg.output.storage)
     ids = 0
     unique: set[str] = set()
     for name in sorted(fs.glob(f"{path.rstrip('/')}/*.parquet")):
-        with fs.open(name, "rb") as f:
-            col = pq.read_table(f, columns=["id"]).column("id").to_pylist()
+        col = read_parquet(fs, name, columns=["id"]).column("id").to_pylist()
         ids += len(col)
         unique.update(col)
     return ids == len(unique) == rows
