@@ -122,9 +122,10 @@ class PreviousShard:
 
     def rows_of(self, hashes: np.ndarray) -> np.ndarray:
         """The row of each id hash in the file (its last, if repeated), or -1 when absent."""
-        at = np.searchsorted(self.sorted, hashes, side="right") - 1
-        found = (at >= 0) & (self.sorted[np.maximum(at, 0)] == hashes) if len(self.sorted) else np.zeros(len(hashes), bool)
-        return np.where(found, self.order[np.maximum(at, 0)] if len(self.sorted) else -1, -1)
+        if not len(self.sorted):
+            return np.full(len(hashes), -1, dtype=np.int64)
+        at = np.maximum(np.searchsorted(self.sorted, hashes, side="right") - 1, 0)  # -1 (below all) lands on 0, which differs
+        return np.where(self.sorted[at] == hashes, self.order[at], -1)
 
     def reusable(self, ids: list[str], hashes: list[str | None]) -> list[bool]:
         """For each id, whether the file holds it with this content hash (None: a row not embedded)."""

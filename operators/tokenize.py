@@ -135,7 +135,7 @@ class RustTokenizer:
             self._tok.enable_truncation(max_length, stride=stride, strategy="longest_first", direction=self._side)
         else:
             self._tok.no_truncation()
-        # without offsets, encode_batch_fast: the same ids and masks, ~1.4x the rate (it skips offset tracking)
+        # without offsets, encode_batch_fast: the same ids and masks, 1.1-1.4x the rate (it skips offset tracking)
         # (tokenizers >= 0.21; older ones have encode_batch alone)
         encode = self._tok.encode_batch if return_offsets_mapping else getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         encodings = encode(list(text) if batched else [text], add_special_tokens=add_special_tokens)

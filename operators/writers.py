@@ -261,9 +261,7 @@ def commit_rows(
     final = posixpath.join(output_dir, stats.output)
     # a changed shard's previous vectors: an index of its ids, embeddings read a row group at a time
     previous = PreviousShard.open(fs, final) if stats.incremental else None
-    with contextlib.ExitStack() as stack, fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as writer:
-        if previous is not None:
-            stack.enter_context(previous)
+    with previous or contextlib.nullcontext(), fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as writer:
         for table in tables:
             lines = table.column("line").to_numpy()
             # A retried task can stage the same rows twice: keep the first copy of each line.
@@ -343,8 +341,6 @@ class SeenIds:
     def __init__(self):
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted hashes S16, their first lines)
 
-    hashes = staticmethod(id_hashes)
-
     def first_lines(self, hashes: np.ndarray) -> np.ndarray:
         """For each hash, the line it first came on, or 0 when new."""
         found = np.zeros(len(hashes), dtype=np.int64)
@@ -376,7 +372,7 @@ def _mark_duplicate_ids(table: pa.Table, seen: SeenIds, policy: str) -> tuple[pa
         return table, 0
     ids = table.column("id").take(pa.array(rows)).to_pylist()
     lines = table.column("line").to_numpy()[rows]
-    hashes = SeenIds.hashes(ids)
+    hashes = id_hashes(ids)
     earlier = seen.first_lines(hashes)  # the lines of earlier blocks
     _, at, inverse = np.unique(hashes, return_index=True, return_inverse=True)
     first = np.where(earlier > 0, earlier, lines[at][inverse.ravel()])  # else the first line within this block
