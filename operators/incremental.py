@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from operators.storage import commit_file, write_text_atomic
+from operators.storage import PYTHON_FILE_READ, commit_file, write_text_atomic
 
 CURRENT = "CURRENT.json"
 RUNS_DIR = "_runs"
@@ -56,7 +56,7 @@ def read_previous(fs, path: str, columns=("id", "content_hash")) -> pa.Table | N
         have = set(pf.schema_arrow.names)
         if not set(columns) <= have:
             return None
-        return pf.read(columns=list(columns))
+        return pf.read(columns=list(columns), **PYTHON_FILE_READ)
 
 
 def id_hashes(ids: list[str]) -> np.ndarray:
@@ -77,7 +77,7 @@ class PreviousShard:
         names = set(pf.schema_arrow.names)
         hashes, contents, starts = [], [], [0]
         for g in range(pf.num_row_groups):
-            t = pf.read_row_group(g, columns=["id", "content_hash"] if "content_hash" in names else ["id"])
+            t = pf.read_row_group(g, columns=["id", "content_hash"] if "content_hash" in names else ["id"], **PYTHON_FILE_READ)
             hashes.append(id_hashes(t.column("id").to_pylist()))
             if "content_hash" in names:
                 contents.append(np.array([bytes.fromhex(h) if h else b"" for h in t.column("content_hash").to_pylist()], dtype="S8"))
@@ -144,7 +144,7 @@ class PreviousShard:
         pieces = []
         for g in np.unique(groups):
             if self._group is None or self._group[0] != g:
-                col = self.pf.read_row_group(int(g), columns=["embedding"]).column("embedding").combine_chunks()
+                col = self.pf.read_row_group(int(g), columns=["embedding"], **PYTHON_FILE_READ).column("embedding").combine_chunks()
                 self._group = (int(g), col.cast(value_type))
             pieces.append(self._group[1].take(pa.array(rows[groups == g] - self.starts[g])))
         if not pieces:
@@ -162,7 +162,7 @@ class PreviousShard:
         for g in range(self.pf.num_row_groups):
             a, b = self.starts[g], self.starts[g + 1]
             if mask[a:b].any():
-                ids = self.pf.read_row_group(g, columns=["id"]).column("id").to_pylist()
+                ids = self.pf.read_row_group(g, columns=["id"], **PYTHON_FILE_READ).column("id").to_pylist()
                 out += [i for i, m in zip(ids, mask[a:b]) if m]
         return out
 

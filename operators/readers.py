@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators.config import InputConfig
-from operators.storage import InputError, Shard, get_fs, list_shards, redact_text
+from operators.storage import PYTHON_FILE_READ, InputError, Shard, get_fs, list_shards, redact_text
 
 READ_SCHEMA = pa.schema(
     [
@@ -217,7 +217,7 @@ def _read_parquet(b: _BlockBuilder, f, cfg: InputConfig) -> Iterator[pa.Table]:
     pf = pq.ParquetFile(f)
     names = set(pf.schema_arrow.names)
     columns = [c for c in (cfg.id_field, cfg.text_field) if c in names]
-    for batch in pf.iter_batches(batch_size=cfg.rows_per_block, columns=columns or None):
+    for batch in pf.iter_batches(batch_size=cfg.rows_per_block, columns=columns or None, **PYTHON_FILE_READ):
         n = batch.num_rows
         ids = batch.column(cfg.id_field).to_pylist() if cfg.id_field in names else [None] * n
         texts = batch.column(cfg.text_field).to_pylist() if cfg.text_field in names else None

@@ -286,15 +286,23 @@ def check_writable(uri: str, storage: StorageConfig) -> None:
         raise InputError(f"output.uri: cannot write to {uri}: {type(e).__name__}: {e}.{hint}") from e
 
 
+# How Arrow reads Parquet from a Python (fsspec) file object: see read_parquet.
+PYTHON_FILE_READ = {"use_threads": False}
+
+
 def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None):
-    """A Parquet file on `fs`, whole or some of its columns, as an Arrow table. Through
-    ParquetFile, not pq.read_table: given a Python file object, read_table's dataset scanner can
-    leave a thread that aborts the process at exit ("terminate called without an active
-    exception", exit 134, about one run in three with pyarrow 26), after a run that succeeded."""
+    """A Parquet file on `fs`, whole or some of its columns, as an Arrow table.
+
+    Single-threaded, as every read from a Python file object in this project is
+    (`PYTHON_FILE_READ`): Arrow's threaded decode over a Python file can leave a thread that
+    aborts the process at exit ("terminate called without an active exception", exit 134), after
+    a run that succeeded. With pyarrow 26 that was 16 interpreter exits in 60 through
+    ParquetFile.read and read_row_group, and about one in three through pq.read_table; 0 in 60
+    with use_threads=False."""
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).read(columns=columns)
+        return pq.ParquetFile(f).read(columns=columns, **PYTHON_FILE_READ)
 
 
 def write_text_atomic(fs: fsspec.AbstractFileSystem, path: str, text) -> None:

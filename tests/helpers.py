@@ -26,6 +26,7 @@ import yaml
 from operators.config import ExtractionConfig, ModelConfig, load_config
 from operators.models import resolve_model
 from operators.readers import READ_SCHEMA
+from operators.storage import read_parquet
 from operators.tokenize import EmbedSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -380,8 +381,7 @@ def config(tmp_path, input_uri, output_uri, model, *extra):
 def read_vectors(fs, out_dir) -> dict[str, np.ndarray]:
     vectors = {}
     for p in sorted(fs.glob(f"{out_dir.rstrip('/')}/*.parquet")):
-        with fs.open(p, "rb") as f:
-            t = pq.read_table(f)
+        t = read_parquet(fs, p)
         for i, v in zip(t.column("id").to_pylist(), t.column("embedding").to_pylist()):
             assert i not in vectors, f"duplicate id {i}"
             vectors[i] = np.asarray(v, dtype=np.float32)

@@ -44,7 +44,7 @@ from operators.config import load_config
 from operators.gate import GateError
 from operators.incremental import read_current, read_run_log
 from operators.lease import LEASE
-from operators.storage import list_shards
+from operators.storage import list_shards, read_parquet
 from operators.writers import IncompleteShardError
 from pipelines.embed_corpus import main, run
 from tests.helpers import (
@@ -353,7 +353,7 @@ def test_random_s3_faults_lose_nothing(ray_local, tmp_path, s3_input, s3_endpoin
               f"{attempts} runs to finish, the failed ones: {failures}")  # the figure README quotes (pytest -s)
     assert done and faults > 0
     fs = fsspec.filesystem("s3")
-    ids = [i for p in sorted(fs.glob(f"{bucket}/vectors/*.parquet")) for i in pq.read_table(fs.open(p, "rb"), columns=["id"]).column("id").to_pylist()]
+    ids = [i for p in sorted(fs.glob(f"{bucket}/vectors/*.parquet")) for i in read_parquet(fs, p, columns=["id"]).column("id").to_pylist()]
     assert len(ids) == len(set(ids)) == 100
 
 
