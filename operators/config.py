@@ -108,11 +108,36 @@ class ModelConfig(_Strict):
     # max_length tokens sharing window_stride tokens, embed each, average weighted by length.
     long_documents: Literal["truncate", "window"] = "truncate"
     window_stride: int = Field(0, ge=0)
+    # What runs the model on CPU workers (operators/engines.py): torch (eager PyTorch, CPU or GPU),
+    # onnx (ONNX Runtime) or openvino; the last two export the model once per node and run on CPU.
+    engine: Literal["torch", "onnx", "openvino"] = "torch"
+    # int8: onnx quantizes weights to int8 and activations at run time (dynamic); openvino
+    # compresses weights to int8. With calibration_corpus (raw text, like whitening.corpus) both
+    # quantize weights and activations statically, calibrated on calibration_rows sentences.
+    quantization: Literal["none", "int8"] = "none"
+    calibration_corpus: str | None = None
+    calibration_rows: int = Field(300, ge=1)
 
     @model_validator(mode="after")
     def _windows(self) -> "ModelConfig":
         if self.max_length is not None and self.window_stride >= self.max_length:
             raise ValueError(f"window_stride ({self.window_stride}) must be below max_length ({self.max_length})")
+        return self
+
+    @model_validator(mode="after")
+    def _engine(self) -> "ModelConfig":
+        if self.engine != "torch":
+            if self.dtype != "float32":
+                raise ValueError(
+                    f"model.engine={self.engine} runs float32 on CPU (dtype {self.dtype} is for torch on GPUs); "
+                    "set model.dtype: float32, and model.quantization: int8 for a smaller, faster model"
+                )
+            if self.device == "cuda":
+                raise ValueError(f"model.engine={self.engine} runs on CPU; on GPUs use model.engine: torch")
+        if self.quantization == "int8" and self.engine == "torch":
+            raise ValueError("model.quantization=int8 needs model.engine: onnx or openvino")
+        if self.calibration_corpus is not None and self.quantization != "int8":
+            raise ValueError("model.calibration_corpus calibrates int8 quantization: set model.quantization: int8, or drop it")
         return self
 
 

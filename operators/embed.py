@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from operators.extraction import pool
+from operators.extraction import forward_states, pool
 from operators.models import local_source
 from operators.pooling import POOLING
 from operators.postprocess import Moments, PostProcessor, load_artifact, moments_row, output_dimension
@@ -51,6 +51,24 @@ def load_projection(source: str, spec: dict, device: torch.device) -> torch.nn.M
     return torch.nn.Sequential(linear, act).to(device).eval()
 
 
+def load_model(spec: EmbedSpec, source: str, device: torch.device, attn_implementation: str | None = None) -> torch.nn.Module:
+    """The transformers model of `spec` from the node-local `source`, in eval mode on `device`.
+    T5 modes that only read the encoder load the encoder alone (half the weights).
+    `attn_implementation` overrides model.attn_implementation (an engine's export)."""
+    from transformers import AutoModel, AutoModelForTextEncoding
+
+    r = spec.resolved
+    kwargs = dict(revision=r.revision, trust_remote_code=spec.model.trust_remote_code)
+    if r.gguf_file:
+        kwargs["gguf_file"] = r.gguf_file
+    attn = attn_implementation or spec.model.attn_implementation
+    if attn != "auto":
+        kwargs["attn_implementation"] = attn
+    encoder_only = r.family == "encoder_decoder" and POOLING[spec.extraction.pooling].states != "decoder"
+    loader = AutoModelForTextEncoding if encoder_only else AutoModel
+    return loader.from_pretrained(source, dtype=TORCH_DTYPES[spec.model.dtype], **kwargs).to(device).eval()
+
+
 # -- the model actor ----------------------------------------------------------------------------
 
 
@@ -61,8 +79,6 @@ class Embedder:
     only (direct calls, tests) are tokenized here first."""
 
     def __init__(self, spec: EmbedSpec):
-        from transformers import AutoModel, AutoModelForTextEncoding
-
         self.spec = spec
         r = spec.resolved
         if spec.num_threads:
@@ -76,18 +92,18 @@ class Embedder:
         self.schema = output_schema(self.dimension, spec.output_dtype)
         self.post = None
         source = local_source(r)
-        kwargs = dict(revision=r.revision, trust_remote_code=spec.model.trust_remote_code)
-        if r.gguf_file:
-            kwargs["gguf_file"] = r.gguf_file
-        if spec.model.attn_implementation != "auto":
-            kwargs["attn_implementation"] = spec.model.attn_implementation
-        # T5 modes that only read the encoder load the encoder alone (half the weights).
         self.mode = POOLING[spec.extraction.pooling]
-        encoder_only = r.family == "encoder_decoder" and self.mode.states != "decoder"
-        loader = AutoModelForTextEncoding if encoder_only else AutoModel
-        self.model = loader.from_pretrained(source, dtype=TORCH_DTYPES[spec.model.dtype], **kwargs)
-        self.model.to(self.device).eval()
-        self.takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
+        self.model = self.engine = self.pooler = None
+        if spec.model.engine == "torch":
+            self.model = load_model(spec, source, self.device)
+            self.takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
+            self.pooler = getattr(self.model, "pooler", None) if self.mode.needs_pooler else None
+            if self.mode.needs_pooler and self.pooler is None:
+                raise RuntimeError(f"pooling=cls_pooler: {type(self.model).__name__} has no pooler module")
+        else:
+            from operators.engines import load_states
+
+            self.engine = load_states(spec, source, lambda attn=None: load_model(spec, source, torch.device("cpu"), attn), self.encoder)
         if spec.postprocess:
             fit = None
             if any(s.fitted for s in spec.postprocess):
@@ -96,9 +112,6 @@ class Embedder:
                 fs, path = get_fs(spec.artifact, spec.artifact_storage)
                 fit = load_artifact(fs, path)[0]
             self.post = PostProcessor(list(spec.postprocess), fit).to(self.device)
-        self.pooler = getattr(self.model, "pooler", None) if self.mode.needs_pooler else None
-        if self.mode.needs_pooler and self.pooler is None:
-            raise RuntimeError(f"pooling=cls_pooler: {type(self.model).__name__} has no pooler module")
         self.projection = load_projection(source, r.projection, self.device) if r.projection else None
 
     @property
@@ -107,22 +120,18 @@ class Embedder:
 
     # -- forward + extraction ---------------------------------------------------------------
 
-    def forward(self, inputs: dict[str, torch.Tensor], need_all_layers: bool) -> tuple[torch.Tensor, ...]:
-        """The hidden states pooling reads, per model family."""
-        family = self.spec.resolved.family
-        kw = dict(output_hidden_states=need_all_layers, return_dict=True)
-        if family == "encoder_decoder" and self.mode.states == "decoder":
-            # Sentence-T5's ST-Dec: the decoder sees only its start token.
-            n = inputs["input_ids"].shape[0]
-            start = torch.full((n, 1), self.model.config.decoder_start_token_id, device=self.device)
-            out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], decoder_input_ids=start, **kw)
-            return out.decoder_hidden_states if need_all_layers else (out.last_hidden_state,)
-        model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
-        if family == "decoder" and self.takes_position_ids:
-            # Positions count real tokens only, so left padding gives the same states as right.
-            model_inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        out = self.model(**model_inputs, **kw)
-        return out.hidden_states if need_all_layers else (out.last_hidden_state,)
+    def states(self, inputs: dict[str, torch.Tensor], need_all_layers: bool):
+        """What pooling reads for one padded batch: (hidden states, the layers to average over
+        them, the pooler head). An engine's graph has averaged the layers (and run the pooler)."""
+        if self.engine is None:
+            hidden = forward_states(
+                self.model, self.spec.resolved.family, self.mode.states == "decoder", inputs["input_ids"],
+                inputs["attention_mask"], need_all_layers, self.takes_position_ids,
+            )
+            return hidden, self.spec.extraction.layers, self.pooler
+        outs = self.engine(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy())
+        pooled = torch.from_numpy(outs[1]) if len(outs) > 1 else None
+        return (torch.from_numpy(outs[0]),), (-1,), (None if pooled is None else (lambda _h: pooled))
 
     def pad(self, enc: Encoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """Pad windows `idx` to their longest, on the tokenizer's padding side; on CUDA through
@@ -159,14 +168,14 @@ class Embedder:
         pooled = []
         for idx in batches:
             inputs = self.pad(enc, idx)
-            hidden = self.forward(inputs, need_all_layers)
+            hidden, layers, pooler = self.states(inputs, need_all_layers)
             mask = inputs["attention_mask"]
             if self.spec.resolved.family == "encoder_decoder" and self.mode.states == "decoder":
                 mask = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
             target = inputs["input_ids"] == self.tokenizer.mask_token_id if self.mode.needs_mask_template else None
             pooled.append(pool(
-                hidden, mask, pooling=ex.pooling, layers=ex.layers, exclude_mask=inputs.get("exclude_mask"),
-                target_mask=target, pooler=self.pooler,
+                hidden, mask, pooling=ex.pooling, layers=layers, exclude_mask=inputs.get("exclude_mask"),
+                target_mask=target, pooler=pooler,
             ))
         order = torch.from_numpy(np.argsort(np.concatenate(batches), kind="stable")).to(self.device)
         vecs = torch.cat(pooled)[order]  # back to window order

@@ -81,7 +81,8 @@ def actor_plan(cfg: PipelineConfig, resolved: ResolvedModel) -> ActorPlan:
     r = cfg.ray
     gpus = r.gpus_per_actor
     if gpus is None:
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        # the onnx and openvino engines run on CPU: their actors take no GPU share
+        has_gpu = cfg.model.engine == "torch" and ray.cluster_resources().get("GPU", 0) > 0
         gpus = (0.5 if (resolved.parameters or 0) < 1e9 else 1) if has_gpu else 0
     if gpus:
         size = r.max_actors or max(1, int(ray.cluster_resources().get("GPU", 0) / gpus))

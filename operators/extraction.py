@@ -122,6 +122,26 @@ def pool(
     return out
 
 
+def forward_states(model, family: str, decoder_states: bool, input_ids, attention_mask, need_all_layers: bool,
+                   takes_position_ids: bool) -> tuple[torch.Tensor, ...]:
+    """The hidden states pooling reads, per model family: every layer's when need_all_layers,
+    else the last one's alone. The torch engine runs it, and the engines' exports trace it."""
+    kw = dict(output_hidden_states=need_all_layers, return_dict=True)
+    if family == "encoder_decoder" and decoder_states:
+        # Sentence-T5's ST-Dec: the decoder sees only its start token.
+        start = torch.full_like(input_ids[:, :1], model.config.decoder_start_token_id)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=start, use_cache=False, **kw)
+        return out.decoder_hidden_states if need_all_layers else (out.last_hidden_state,)
+    model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if family == "decoder":
+        kw["use_cache"] = False
+        if takes_position_ids:
+            # Positions count real tokens only, so left padding gives the same states as right.
+            model_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(**model_inputs, **kw)
+    return out.hidden_states if need_all_layers else (out.last_hidden_state,)
+
+
 def _param_dtype(module, default: torch.dtype) -> torch.dtype:
     params = getattr(module, "parameters", None)
     if params is None:

@@ -202,6 +202,20 @@ def copy_to_local_cache(uri: str, storage: StorageConfig) -> Path:
             confined_path(dest, rel)
         except UnsafePathError as e:
             raise ModelLoadError(f"model.name: {redact_text(uri)} holds an unsafe object name: {e}") from e
+
+    def copy(tmp: Path) -> None:
+        for rel in listing:
+            target = confined_path(tmp, rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(path.rstrip("/") + "/" + rel, str(target))
+
+    return build_once(dest, copy)
+
+
+def build_once(dest: Path, build) -> Path:
+    """`dest`, built by `build(folder)` into a scratch folder and moved into place by the first
+    process on this node that asks; the others wait on a file lock and reuse it. A build that died
+    half-way leaves no `.complete` mark and is redone."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(str(dest) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -211,11 +225,9 @@ def copy_to_local_cache(uri: str, storage: StorageConfig) -> Path:
                 import shutil
 
                 shutil.rmtree(tmp)
-            for rel in listing:
-                target = confined_path(tmp, rel)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(path.rstrip("/") + "/" + rel, str(target))
-            (tmp / ".complete").write_text(uri)
+            tmp.mkdir(parents=True)
+            build(tmp)
+            (tmp / ".complete").write_text(str(dest))
             os.replace(tmp, dest)
     return dest
 
@@ -259,6 +271,9 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
     ModelLoadError (cannot load) or ConfigError (loads, but the settings do not fit)."""
     from transformers import AutoConfig
 
+    from operators.engines import check_engine
+
+    check_engine(cfg)
     storage = storage or StorageConfig()
     name, uri, revision = cfg.name, None, cfg.revision
     identity: dict = {"name": name}

@@ -11,9 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from operators import __version__
-from operators.config import PipelineConfig, fingerprint
+from operators.config import ModelConfig, PipelineConfig, fingerprint
 from operators.models import ResolvedModel
 from operators.postprocess import ArtifactError, Fit, Normalize, RemoveTopPCs, Whiten, load_artifact, output_dimension, step_json
+
+
+def engine_identity(model: ModelConfig) -> dict:
+    """The engine and quantization, where they are not torch's float32: fingerprints from before
+    engines existed stay valid, and int8 vectors never share one with float32 vectors."""
+    if model.engine == "torch":
+        return {}
+    out = {"engine": model.engine, "quantization": model.quantization}
+    if model.quantization == "int8" and model.calibration_corpus:
+        out["calibration"] = {"corpus": model.calibration_corpus, "rows": model.calibration_rows}
+    return out
 
 
 def extraction_identity(cfg: PipelineConfig, resolved: ResolvedModel) -> dict:
@@ -21,6 +32,7 @@ def extraction_identity(cfg: PipelineConfig, resolved: ResolvedModel) -> dict:
         "model": dict(
             resolved.identity, dtype=cfg.model.dtype, max_length=resolved.max_length,
             long_documents=cfg.model.long_documents, window_stride=cfg.model.window_stride,
+            **engine_identity(cfg.model),
         ),
         "extraction": cfg.extraction.model_dump(mode="json"),
     }
@@ -78,6 +90,7 @@ def build_provenance(cfg: PipelineConfig, resolved: ResolvedModel, artifact_sha:
         package="corpus-embed",
         package_version=__version__,
         model_type=resolved.model_type,
+        engine={"name": cfg.model.engine, "quantization": cfg.model.quantization},
         dimension=output_dimension(steps, resolved.dimension),
         normalized=isinstance(steps[-1], Normalize) if steps else cfg.extraction.normalize,
         config_fingerprint=fp,
