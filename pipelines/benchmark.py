@@ -4,6 +4,7 @@
     python pipelines/benchmark.py --docs 2000 --report out/bench.json
     python pipelines/benchmark.py --config configs/models/smollm2-135m-prompteol.yaml --set model.dtype=float16
     python pipelines/benchmark.py --scale --report out/scale.json     # cost against the number of shards
+    python pipelines/benchmark.py --engines torch,onnx,onnx:int8,openvino,openvino:int8 --baseline-python .venv-st/bin/python
 
 On one corpus (the config's input texts, cycled to --docs documents and written as JSONL shards
 of --shard-docs) and one model, it runs:
@@ -55,8 +56,9 @@ if __package__ in (None, ""):
 
 from operators import __version__, cli
 from operators.bookkeeping import RunRecord, record_outputs
-from operators.config import ConfigError, PipelineConfig
+from operators.config import ConfigError, ModelConfig, PipelineConfig
 from operators.execution import embed, init_ray, read_shards, tokenize, write_shards
+from operators.models import local_source
 from operators.planning import plan_run
 from operators.prepare import prepare
 from operators.storage import get_fs, read_parquet
@@ -116,6 +118,8 @@ def benchmark(cfg: PipelineConfig, args: argparse.Namespace) -> dict:
         return result
     if args.scale:
         return scale_benchmark(cfg, args)
+    if args.engines:
+        return engines_benchmark(cfg, args)
     if args.docs < 1 or args.shard_docs < 1 or args.memory_scale < 1:
         raise ConfigError("--docs, --shard-docs and --memory-scale must be positive")
     phases = {"baseline", "noop", "memory"} - set(args.skip)
@@ -163,6 +167,111 @@ def phases_on(cfg: PipelineConfig, docs: int, shard_docs: int, workdir: Path, ph
         except Exception as e:  # a model sentence-transformers cannot load: say so, keep the rest
             report["baseline"] = {"error": f"{type(e).__name__}: {e}"}
     return add_ratios(report, prepared.resolved)
+
+
+# -- --engines: the pipeline on each engine against sentence-transformers on each backend -----------
+
+# a pipeline variant -> the sentence-transformers backend it is measured against
+ST_BACKEND = {"torch": "torch", "onnx": "onnx", "onnx:int8": "onnx:int8", "openvino": "openvino", "openvino:int8": "openvino"}
+
+
+def engine_settings(variant: str, calibration: str | None) -> dict:
+    """`engine[:int8[:static]]` as model settings; static calibrates on `calibration`."""
+    engine, _, rest = variant.partition(":")
+    quant, _, static = rest.partition(":")
+    if engine not in ("torch", "onnx", "openvino") or quant not in ("", "int8") or static not in ("", "static"):
+        raise ConfigError(f"--engines: {variant!r} is not engine[:int8[:static]] with engine torch, onnx or openvino")
+    settings: dict = {"engine": engine, "quantization": "int8" if quant else "none"}
+    if static:
+        if not calibration:
+            raise ConfigError(f"--engines: {variant} calibrates on text: give --calibration-corpus")
+        settings["calibration_corpus"] = calibration
+    return settings
+
+
+def engines_benchmark(cfg: PipelineConfig, args: argparse.Namespace) -> dict:
+    """Each --engines variant through the whole pipeline on the same corpus, after a warm-up run
+    on 200 docs that makes its export (once per node, cached: what every later run finds), and
+    sentence-transformers' encode on the matching backends in --baseline-python, side by side."""
+    variants = [v.strip() for v in args.engines.split(",") if v.strip()]
+    # validated as ModelConfigs: the settings' own checks run before any work
+    configs = {v: cfg.model_copy(update={"model": ModelConfig.model_validate({**cfg.model.model_dump(), **engine_settings(v, args.calibration_corpus)})})
+               for v in variants}
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="corpus-embed-bench-"))
+    try:
+        texts = corpus_texts(cfg, args.docs)
+        write_corpus(texts, workdir / "corpus", args.shard_docs)
+        write_corpus(texts[: min(args.docs, 200)], workdir / "corpus-warmup", args.shard_docs)
+        report: dict = {"package_version": __version__, "date": time.strftime("%Y-%m-%d"), "model": cfg.model.name,
+                        "docs": args.docs, "cpus": os.cpu_count(), "engines": {}}
+        init_ray(cfg)
+        for v, c in configs.items():
+            logger.info("engine %s: warm-up and export, then %d docs", v, args.docs)
+            warm = pipeline_phase(c, workdir / "corpus-warmup", workdir / f"out-warmup-{v}")
+            run = pipeline_phase(c, workdir / "corpus", workdir / f"out-{v.replace(':', '-')}")
+            report["engines"][v] = dict(run, warmup_s=warm["seconds"])
+        if "baseline" not in args.skip:
+            report["sentence_transformers"] = st_baselines(cfg, texts, sorted({ST_BACKEND[v] for v in variants}, key=list(ST_BACKEND).index),
+                                                           args.baseline_python, workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    write_report(engine_ratios(report), args.report)
+    return report
+
+
+def st_baselines(cfg: PipelineConfig, texts: list[str], backends: list[str], python: str, workdir: Path) -> dict:
+    """pipelines/st_baseline.py in `python`'s environment (its backends need their own: make bench-env)."""
+    prepared = prepare(cfg)
+    with open(workdir / "texts.jsonl", "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    got = subprocess.run(
+        [python, str(Path(__file__).with_name("st_baseline.py")), "--model", local_source(prepared.resolved), "--texts", str(workdir / "texts.jsonl"),
+         "--backends", ",".join(backends), "--max-length", str(prepared.resolved.max_length), "--workdir", str(workdir)],
+        stdout=subprocess.PIPE, check=False, text=True,
+    )
+    if got.returncode:
+        return {"error": f"{python} pipelines/st_baseline.py exited {got.returncode} (its errors are above); make bench-env sets up its environment"}
+    return json.loads(got.stdout.strip().splitlines()[-1])
+
+
+def engine_ratios(report: dict) -> dict:
+    """Per variant: against the pipeline on torch, against sentence-transformers on the matching
+    backend and on its fastest one."""
+    engines, st = report["engines"], report.get("sentence_transformers", {}).get("backends", {})
+    torch_rate = engines.get("torch", {}).get("rows_per_s")
+    fastest = max(st.values(), key=lambda b: b["rows_per_s"], default=None)
+    for v, r in engines.items():
+        if torch_rate:
+            r["vs_pipeline_torch"] = r["rows_per_s"] / torch_rate
+        same = st.get(ST_BACKEND[v])
+        if same:
+            r["vs_st_same_backend"] = r["rows_per_s"] / same["rows_per_s"]
+        if fastest:
+            r["vs_st_fastest"] = r["rows_per_s"] / fastest["rows_per_s"]
+    if fastest:
+        report["st_fastest_backend"] = next(k for k, b in st.items() if b is fastest)
+    return report
+
+
+def format_engines_report(r: dict) -> str:
+    st = r.get("sentence_transformers", {}).get("backends", {})
+    lines = [f"engines on {r['docs']} docs, {r['model']}, {r['cpus']} CPUs",
+             "| pipeline | rows/s | steady rows/s | vs pipeline torch | vs ST same backend | vs ST fastest | warm-up + export s |",
+             "|---|---|---|---|---|---|---|"]
+
+    def x(v):
+        return f"{v:.2f}x" if v else "-"
+
+    for v, e in r["engines"].items():
+        lines.append(f"| {v} | {e['rows_per_s']:.1f} | {e.get('steady_rows_per_s') or 0:.1f} | {x(e.get('vs_pipeline_torch'))} | "
+                     f"{x(e.get('vs_st_same_backend'))} ({ST_BACKEND[v]}) | {x(e.get('vs_st_fastest'))} | {e['warmup_s']:.1f} |")
+    for b, s in st.items():
+        lines.append(f"sentence-transformers {b}: {s['rows_per_s']:.1f} rows/s")
+    if "error" in r.get("sentence_transformers", {}):
+        lines.append(r["sentence_transformers"]["error"])
+    return "\n".join(lines)
 
 
 # -- --scale: cost against the number of shards ---------------------------------------------------
@@ -364,10 +473,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1, help="--scale on a Ray cluster of this many nodes on this machine (default 1: local)")
     p.add_argument("--s3", action="store_true", help="--scale with corpus and outputs on S3 (moto on 127.0.0.1)")
     p.add_argument("--kill-every", type=float, default=0, help="--scale: kill a worker node every this many seconds (needs --nodes >= 2)")
+    p.add_argument("--engines", help="the pipeline on each engine variant instead, e.g. torch,onnx,onnx:int8,openvino,openvino:int8 "
+                   "(engine[:int8[:static]]), against sentence-transformers' encode on the matching backends")
+    p.add_argument("--baseline-python", default=sys.executable, help="--engines: the interpreter of the sentence-transformers baselines "
+                   "(its onnx/openvino backends need their own environment: make bench-env, then .venv-st/bin/python)")
+    p.add_argument("--calibration-corpus", help="--engines: the text static int8 variants (engine:int8:static) calibrate on")
     p.add_argument("--scale-point", help=argparse.SUPPRESS)  # one point, run by --scale in a child process
 
 
 def summarize(report: dict) -> str:
+    if "engines" in report:
+        return format_engines_report(report)
     return format_scale_report(report) if "points" in report else format_report(report) if "docs" in report else json.dumps(report)
 
 
