@@ -83,7 +83,8 @@ class Embedder:
         r = spec.resolved
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
-        self.device = pick_device(spec.model.device)
+        # the onnx and openvino engines run on CPU, and so does what follows them
+        self.device = pick_device(spec.model.device) if spec.model.engine == "torch" else torch.device("cpu")
         self.encoder = TextEncoder(spec)
         self.tokenizer = self.encoder.tokenizer
         self.max_length = r.max_length

@@ -14,7 +14,8 @@ from pipelines.embed_corpus import run
 from tests.helpers import read_vectors, write_jsonl
 
 PRESETS = sorted((REPO_ROOT / "configs" / "models").glob("*.yaml"))
-OFFLINE = {"all-minilm-l6-v2.yaml", "smollm2-135m-prompteol.yaml"}
+OFFLINE = {"all-minilm-l6-v2.yaml", "smollm2-135m-prompteol.yaml", "all-minilm-l6-v2-onnx.yaml", "all-minilm-l6-v2-onnx-int8.yaml",
+           "all-minilm-l6-v2-openvino.yaml", "all-minilm-l6-v2-openvino-int8.yaml"}
 
 
 def test_presets_exist_for_every_family():
@@ -81,3 +82,31 @@ def test_the_prompteol_preset_runs_through_the_pipeline_on_a_decoder(ray_local, 
     got = read_vectors(fsspec.filesystem("file"), str(tmp_path / "out"))
     want = Embedder(prepare(cfg).spec()).embed_texts(texts).vectors
     np.testing.assert_allclose(np.stack([got[str(i)] for i in range(3)]), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["all-minilm-l6-v2-openvino.yaml", "all-minilm-l6-v2-onnx-int8.yaml"])
+def test_the_cpu_engine_presets_run_through_the_pipeline(ray_local, tmp_path, preset):
+    """An engine preset end to end on local Ray (the export made on an embedding actor): float32
+    OpenVINO equals torch's vectors within 1e-4; int8 ONNX is close to them, and its shards carry
+    the engine in their provenance and a fingerprint of their own."""
+    import json
+
+    import fsspec
+    import pyarrow.parquet as pq
+
+    texts = [f"Sentence number {i} about a cat, a dog and the weather." for i in range(40)]
+    write_jsonl(tmp_path / "in" / "part.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    base = [f"input.uri={tmp_path / 'in'}", f"output.uri={tmp_path / 'out'}"]
+    run(load_config(REPO_ROOT / "configs" / "models" / "all-minilm-l6-v2.yaml", base))
+    want = read_vectors(fsspec.filesystem("file"), str(tmp_path / "out"))
+    cfg = load_config(REPO_ROOT / "configs" / "models" / preset, [f"input.uri={tmp_path / 'in'}", f"output.uri={tmp_path / 'out-engine'}"])
+    assert run(cfg).counts.rows_written == 40
+    got = read_vectors(fsspec.filesystem("file"), str(tmp_path / "out-engine"))
+    diff = max(float(np.abs(got[k] - want[k]).max()) for k in want)
+    if cfg.model.quantization == "none":
+        assert diff <= 1e-4
+    else:
+        assert 1e-3 < diff and min(float(got[k] @ want[k]) for k in want) > 0.97
+    meta = json.loads(pq.ParquetFile(next((tmp_path / "out-engine").glob("*.parquet"))).metadata.metadata[b"corpus_embed"])
+    assert meta["engine"] == {"name": cfg.model.engine, "quantization": cfg.model.quantization}
+    assert meta["model"]["engine"] == cfg.model.engine

@@ -89,3 +89,45 @@ def test_scale_ratios_take_the_most_shards_against_the_fewest():
     text = format_scale_report(r)
     assert "noop: 10000 shards vs 100: driver peak RSS 1.20x, wall time per row 1.40x" in text and "(all up to date)" in text
     assert "peak RSS 1.10x, peak PSS 2.37x" in text
+
+
+def test_engines_report(ray_local, tmp_path, tiny_bert, capsys):
+    """--engines: each variant through the pipeline on the same corpus, its ratio to torch, and
+    float32 ONNX writing the vectors torch writes."""
+    report = tmp_path / "engines.json"
+    rc = main(["--engines", "torch,onnx", "--docs", "60", "--shard-docs", "20", "--skip", "baseline", "--report", str(report),
+               "--workdir", str(tmp_path / "w"), "--set", "ray.max_actors=1", "--set", f"model.name={tiny_bert}"])
+    assert rc == 0
+    r = json.loads(report.read_text())
+    assert set(r["engines"]) == {"torch", "onnx"} and all(e["rows"] == 60 for e in r["engines"].values())
+    assert r["engines"]["torch"]["vs_pipeline_torch"] == 1.0 and r["engines"]["onnx"]["vs_pipeline_torch"] > 0
+    assert "| onnx |" in capsys.readouterr().out
+
+    def vectors(name):
+        tables = [pq.read_table(p) for p in sorted((tmp_path / "w" / name).glob("*.parquet"))]
+        return {i: np.asarray(v) for t in tables for i, v in zip(t.column("id").to_pylist(), t.column("embedding").to_pylist())}
+
+    torch_v, onnx_v = vectors("out-torch"), vectors("out-onnx")
+    assert torch_v.keys() == onnx_v.keys() and max(float(np.abs(torch_v[k] - onnx_v[k]).max()) for k in torch_v) <= 1e-4
+
+
+def test_engine_variants_are_checked_before_any_work():
+    from operators.config import ConfigError
+    from pipelines.benchmark import engine_settings
+
+    assert engine_settings("openvino:int8", None) == {"engine": "openvino", "quantization": "int8"}
+    assert engine_settings("onnx:int8:static", "wiki.raw")["calibration_corpus"] == "wiki.raw"
+    for bad, needle in [("tensorrt", "engine[:int8[:static]]"), ("onnx:int4", "engine[:int8[:static]]"), ("onnx:int8:static", "--calibration-corpus")]:
+        with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+            engine_settings(bad, None)
+
+
+def test_the_sentence_transformers_baseline_script(tmp_path, tiny_bert, capsys):
+    """pipelines/st_baseline.py, on the torch backend (the others need `make bench-env`): one
+    timed encode of every text, reported as JSON on its last line."""
+    from pipelines.st_baseline import main as st_main
+
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": f"text number {i}"}) + "\n" for i in range(70)))
+    assert st_main(["--model", tiny_bert, "--texts", str(tmp_path / "texts.jsonl"), "--backends", "torch", "--workdir", str(tmp_path / "st")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["backends"]["torch"]["rows"] == 70 and out["backends"]["torch"]["rows_per_s"] > 0
