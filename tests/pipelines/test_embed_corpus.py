@@ -213,7 +213,14 @@ def test_kill_then_resume_equals_a_clean_run(ray_local, tmp_path, minilm_path):
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read().decode()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    committed = len(list(out.glob("*.parquet")))
+    # a write task of the killed cluster can finish a commit (an atomic rename) in the moment
+    # after the kill: count the shards once the folder has stopped changing
+    committed, stable_since = -1, time.time()
+    while time.time() - stable_since < 3:
+        now = len(list(out.glob("*.parquet")))
+        if now != committed:
+            committed, stable_since = now, time.time()
+        time.sleep(0.1)
     assert 1 <= committed < shards
 
     resumed = run(load_config(path, ["ray.rows_per_call=8", "input.rows_per_block=8"]))  # in this process's Ray
