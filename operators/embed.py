@@ -7,14 +7,13 @@ through untouched (no embedding), so every row reaches the writer and the counts
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from operators.extraction import forward_states, pool
+from operators.extraction import forward_states, pool, takes_position_ids
 from operators.models import local_source
 from operators.pooling import POOLING
 from operators.postprocess import Moments, PostProcessor, load_artifact, moments_row, output_dimension
@@ -97,7 +96,7 @@ class Embedder:
         self.model = self.engine = self.pooler = None
         if spec.model.engine == "torch":
             self.model = load_model(spec, source, self.device)
-            self.takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
+            self.takes_position_ids = takes_position_ids(self.model)
             self.pooler = getattr(self.model, "pooler", None) if self.mode.needs_pooler else None
             if self.mode.needs_pooler and self.pooler is None:
                 raise RuntimeError(f"pooling=cls_pooler: {type(self.model).__name__} has no pooler module")

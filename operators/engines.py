@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,10 +33,15 @@ import numpy as np
 
 from operators.config import ConfigError, ModelConfig
 
-logger = logging.getLogger("corpus_embed")
-
 EXPORT_VERSION = 1  # bump when the exported graph changes: old exports are then rebuilt
 CALIBRATION_SPLIT = "sentences"
+INPUTS = ("input_ids", "attention_mask")  # the exported graph's inputs, in order
+
+
+def feed(names, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The inputs a graph declares (`names`), by name: a graph that does not read the mask (layer 0
+    alone) has no mask input."""
+    return {name: value for name, value in zip(INPUTS, (input_ids, attention_mask)) if name in names}
 
 # engine -> the packages it imports at run time, and its extra
 ENGINE_PACKAGES = {
@@ -80,7 +84,7 @@ def runtime_versions(engine: str) -> dict:
 def _torch_module_class():
     import torch
 
-    from operators.extraction import average_layers, forward_states
+    from operators.extraction import average_layers, forward_states, takes_position_ids
 
     class ExtractedStates(torch.nn.Module):
         """(input_ids, attention_mask) -> the chosen layers averaged in float32 [, the pooler's
@@ -91,9 +95,7 @@ def _torch_module_class():
             self.model, self.family, self.decoder_states = model, family, decoder_states
             self.layers = tuple(layers)
             self.pooler = pooler
-            import inspect
-
-            self.takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+            self.takes_position_ids = takes_position_ids(model)
 
         def forward(self, input_ids, attention_mask):
             states = forward_states(
@@ -190,7 +192,7 @@ def export(spec, model, encoder, folder: Path) -> None:
             import openvino as ov
 
             # inputs passed by name, so the converted model's inputs keep those names
-            ov_model = ov.convert_model(module, example_input=dict(zip(("input_ids", "attention_mask"), example)))
+            ov_model = ov.convert_model(module, example_input=dict(zip(INPUTS, example)))
             for port, name in zip(ov_model.outputs, outputs):
                 port.get_tensor().set_names({name})
             if spec.model.quantization == "int8":
@@ -231,7 +233,7 @@ def quantize_onnx(fp32: Path, out: Path, calibration) -> None:
 
         def get_next(self):
             item = next(self.items, None)
-            return None if item is None else {k: v for k, v in zip(("input_ids", "attention_mask"), item) if k in names}
+            return None if item is None else feed(names, *item)
 
     quantize_static(
         str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
@@ -246,7 +248,7 @@ def quantize_openvino(ov_model, calibration):
         return nncf.compress_weights(ov_model)
     names = set(ov_input_names(ov_model.inputs))
     return nncf.quantize(
-        ov_model, nncf.Dataset(calibration, lambda item: {k: v for k, v in zip(("input_ids", "attention_mask"), item) if k in names}),
+        ov_model, nncf.Dataset(calibration, lambda item: feed(names, *item)),
         model_type=nncf.ModelType.TRANSFORMER,
         subset_size=len(calibration),
     )
@@ -267,17 +269,15 @@ class OnnxStates:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        # an input the graph does not read (the mask, for layer 0 alone) is not in it
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.inputs = {i.name for i in self.session.get_inputs()}
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-        return self.session.run(None, {name: feed[name] for name in self.inputs})
+        return self.session.run(None, feed(self.inputs, input_ids, attention_mask))
 
 
 def ov_input_names(ports) -> list[str]:
     """Which of input_ids / attention_mask each input port is (a port can carry several names)."""
-    return [next(n for n in ("input_ids", "attention_mask") if n in port.get_names()) for port in ports]
+    return [next(n for n in INPUTS if n in port.get_names()) for port in ports]
 
 
 class OpenVinoStates:
@@ -293,11 +293,10 @@ class OpenVinoStates:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(str(folder / "model.xml"), "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.inputs = ov_input_names(self.compiled.inputs)
+        self.inputs = set(ov_input_names(self.compiled.inputs))
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-        result = self.request.infer({name: feed[name] for name in self.inputs})
+        result = self.request.infer(feed(self.inputs, input_ids, attention_mask))
         # the request's buffers are reused by its next call: copy them out
         return [np.array(result[port]) for port in self.compiled.outputs]
 

@@ -122,6 +122,13 @@ def pool(
     return out
 
 
+def takes_position_ids(model) -> bool:
+    """Whether the model's forward takes position_ids (decoders: forward_states passes them)."""
+    import inspect
+
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
 def forward_states(model, family: str, decoder_states: bool, input_ids, attention_mask, need_all_layers: bool,
                    takes_position_ids: bool) -> tuple[torch.Tensor, ...]:
     """The hidden states pooling reads, per model family: every layer's when need_all_layers,
