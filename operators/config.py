@@ -110,6 +110,11 @@ class ModelConfig(_Strict):
     window_stride: int = Field(0, ge=0)
     # What runs the model on CPU workers (operators/engines.py): torch (eager PyTorch, CPU or GPU),
     # onnx (ONNX Runtime) or openvino; the last two export the model once per node and run on CPU.
+    # random: the model's architecture (its config) with freshly initialised weights, seeded by
+    # init_seed: the baseline the literature compares pretrained states against (static random
+    # token embeddings: layers [0])
+    init: Literal["pretrained", "random"] = "pretrained"
+    init_seed: int = 0
     engine: Literal["torch", "onnx", "openvino"] = "torch"
     # int8: onnx quantizes weights to int8 and activations at run time (dynamic); openvino
     # compresses weights to int8. With calibration_corpus (raw text, like whitening.corpus) both

@@ -15,7 +15,7 @@ import torch
 
 from operators.extraction import forward_states, pool, takes_position_ids
 from operators.models import local_source
-from operators.pooling import POOLING
+from operators.pooling import POOLING, Head
 from operators.postprocess import Moments, PostProcessor, load_artifact, moments_row, output_dimension
 from operators.tokenize import EmbedSpec, Encoded, TextEncoder, batch_encoding
 from operators.vectors import ARROW_FLOATS, Embedded, bucket, device_type, forward_batch_size, output_schema, vector_table
@@ -65,6 +65,15 @@ def load_model(spec: EmbedSpec, source: str, device: torch.device, attn_implemen
         kwargs["attn_implementation"] = attn
     encoder_only = r.family == "encoder_decoder" and POOLING[spec.extraction.pooling].states != "decoder"
     loader = AutoModelForTextEncoding if encoder_only else AutoModel
+    if spec.model.init == "random":  # the architecture alone, weights drawn from init_seed: the same on every actor
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "attn_implementation"})
+        if "attn_implementation" in kwargs:
+            config._attn_implementation = kwargs["attn_implementation"]
+        torch.manual_seed(spec.model.init_seed)
+        model = loader.from_config(config, trust_remote_code=spec.model.trust_remote_code)
+        return model.to(dtype=TORCH_DTYPES[spec.model.dtype], device=device).eval()
     return loader.from_pretrained(source, dtype=TORCH_DTYPES[spec.model.dtype], **kwargs).to(device).eval()
 
 
@@ -88,17 +97,21 @@ class Embedder:
         self.tokenizer = self.encoder.tokenizer
         self.max_length = r.max_length
         self.batch_size = forward_batch_size(spec, self.device.type == "cuda")
-        self.dimension = output_dimension(list(spec.postprocess), r.dimension)
+        self.heads = spec.heads or (Head.of(spec.extraction),)
+        if spec.heads and spec.postprocess:
+            raise ValueError("EmbedSpec.heads gives raw vectors: post-processing applies to one head")
+        self.dimension = output_dimension(list(spec.postprocess), r.dimension) * len(self.heads)
         self.schema = output_schema(self.dimension, spec.output_dtype)
         self.post = None
         source = local_source(r)
-        self.mode = POOLING[spec.extraction.pooling]
+        self.mode = POOLING[spec.extraction.pooling]  # the heads share its states (encoder or decoder)
         self.model = self.engine = self.pooler = None
         if spec.model.engine == "torch":
             self.model = load_model(spec, source, self.device)
             self.takes_position_ids = takes_position_ids(self.model)
-            self.pooler = getattr(self.model, "pooler", None) if self.mode.needs_pooler else None
-            if self.mode.needs_pooler and self.pooler is None:
+            needs_pooler = any(POOLING[h.pooling].needs_pooler for h in self.heads)
+            self.pooler = getattr(self.model, "pooler", None) if needs_pooler else None
+            if needs_pooler and self.pooler is None:
                 raise RuntimeError(f"pooling=cls_pooler: {type(self.model).__name__} has no pooler module")
         else:
             from operators.engines import load_states
@@ -157,41 +170,70 @@ class Embedder:
     @torch.inference_mode()
     def embed_encoded(self, enc: Encoded, n: int) -> Embedded:
         """The vectors and counts of `n` texts, in input order. Windows go through the model in
-        length-bucketed batches."""
-        ex = self.spec.extraction
+        length-bucketed batches; each batch's states are pooled by every head (EmbedSpec.heads:
+        their raw vectors side by side; else the one head of `extraction`, post-processed)."""
         lengths = enc.lengths
         batches, n_tokens, padded_tokens = bucket(enc, n, self.spec.model.max_batch_tokens, self.batch_size)
         out = np.zeros((n, self.dimension), dtype=np.float32)
         if not len(lengths):
             return Embedded(out, n_tokens, enc.truncated.copy(), padded_tokens)
-        need_all_layers = set(ex.layers) != {-1}
-        pooled = []
+        heads = self.heads
+        if self.spec.keeps_special and enc.special is None:
+            raise ValueError("a head leaves special tokens out, but the batch carries no special-token mask: tokenize on the actor")
+        need_all_layers = any(set(h.layers) != {-1} for h in heads)
+        needs_target = any(POOLING[h.pooling].needs_mask_template for h in heads)
+        pooled: list[list[torch.Tensor]] = [[] for _ in heads]
         for idx in batches:
             inputs = self.pad(enc, idx)
             hidden, layers, pooler = self.states(inputs, need_all_layers)
             mask = inputs["attention_mask"]
+            special = self.pad_flags(enc.special, idx, mask.shape) if self.spec.keeps_special else None
             if self.spec.resolved.family == "encoder_decoder" and self.mode.states == "decoder":
                 mask = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
-            target = inputs["input_ids"] == self.tokenizer.mask_token_id if self.mode.needs_mask_template else None
-            pooled.append(pool(
-                hidden, mask, pooling=ex.pooling, layers=layers, exclude_mask=inputs.get("exclude_mask"),
-                target_mask=target, pooler=pooler,
-            ))
+            target = inputs["input_ids"] == self.tokenizer.mask_token_id if needs_target else None
+            for h, head in enumerate(heads):
+                exclude = inputs.get("exclude_mask")
+                if head.exclude_special_tokens and special is not None:
+                    exclude = special if exclude is None else exclude | special
+                pooled[h].append(pool(
+                    hidden, mask, pooling=head.pooling, layers=layers if self.engine is not None else head.layers,
+                    exclude_mask=exclude, target_mask=target, pooler=pooler,
+                ))
         order = torch.from_numpy(np.argsort(np.concatenate(batches), kind="stable")).to(self.device)
-        vecs = torch.cat(pooled)[order]  # back to window order
+        weights = None
         if len(lengths) != n:  # windows: average each text's windows, weighted by length
             weights = torch.zeros(n, len(lengths))
             weights[torch.from_numpy(enc.owner), torch.arange(len(lengths))] = torch.from_numpy(lengths).float()
-            weights = weights / weights.sum(dim=1, keepdim=True)
-            vecs = weights.to(vecs.device) @ vecs
-        if self.projection is not None:
-            vecs = self.projection(vecs)
-        if ex.normalize:
-            vecs = torch.nn.functional.normalize(vecs, p=2, dim=-1)
+            weights = (weights / weights.sum(dim=1, keepdim=True)).to(self.device)
+        per_head = []
+        for head, parts in zip(heads, pooled):
+            vecs = torch.cat(parts)[order]  # back to window order
+            if weights is not None:
+                vecs = weights @ vecs
+            if self.projection is not None:
+                vecs = self.projection(vecs)
+            if head.normalize:
+                vecs = torch.nn.functional.normalize(vecs, p=2, dim=-1)
+            per_head.append(vecs)
+        vecs = torch.cat(per_head, dim=1) if len(per_head) > 1 else per_head[0]
         if self.post is not None:  # on the model's device
             vecs = self.post(vecs)
         out[:] = vecs.float().cpu().numpy()
         return Embedded(out, n_tokens, enc.truncated.copy(), padded_tokens)
+
+    def pad_flags(self, flags: list[np.ndarray], idx: np.ndarray, shape) -> torch.Tensor:
+        """Per-window token flags (`Encoded.special`) for windows `idx`, laid out as `pad` lays
+        out their ids."""
+        out = np.zeros(tuple(shape), dtype=bool)
+        left = self.tokenizer.padding_side == "left"
+        width = out.shape[1]
+        for row, i in enumerate(idx):
+            f = flags[i]
+            if left:
+                out[row, width - len(f):] = f
+            else:
+                out[row, : len(f)] = f
+        return torch.from_numpy(out).to(self.device)
 
     def embed_texts(self, texts: list[str]) -> Embedded:
         """The vectors and counts of `texts`, in input order."""

@@ -131,6 +131,7 @@ def export_key(spec) -> dict:
     return {
         "version": EXPORT_VERSION,
         "model": spec.resolved.identity,
+        "init": [m.init, m.init_seed] if m.init == "random" else None,
         "engine": m.engine,
         "quantization": m.quantization,
         "calibration": [m.calibration_corpus, m.calibration_rows] if m.quantization == "int8" and m.calibration_corpus else None,

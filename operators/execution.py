@@ -309,7 +309,9 @@ def vectors_of(table):
 def ray_embed_fn(cfg: PipelineConfig, prepared):
     """An evaluation embedding function (evaluation.EmbedFn) on Ray: the texts in one dataset,
     read -> tokenize -> embed on the same actor pools as the corpus pipeline, yielding each
-    block's (keys, vectors) as it arrives."""
+    block's (keys, vectors) as it arrives. With `prepared.heads` (a sweep) the model actors
+    tokenize themselves: the heads need each token's special flag, which the tokenize stage does
+    not ship."""
     from operators.readers import text_rows
 
     def embed_fn(keys: list[str], texts: list[str]):
@@ -317,7 +319,9 @@ def ray_embed_fn(cfg: PipelineConfig, prepared):
         rows = text_rows(keys, texts, shard="eval")
         step = cfg.rows_per_call  # one block per actor call, no shuffle stage
         blocks = [rows.slice(i, step) for i in range(0, len(texts), step)]
-        ds = tokenize(read_tables(blocks), cfg, prepared, inputs=len(blocks))
+        ds = read_tables(blocks)
+        if not prepared.heads:
+            ds = tokenize(ds, cfg, prepared, inputs=len(blocks))
         ds = embed(ds, cfg, prepared, blocks=len(blocks))
         for table in iter_tables(ds):
             yield table.column("id").to_pylist(), vectors_of(table)

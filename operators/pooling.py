@@ -47,6 +47,23 @@ POOLING_NAMES = tuple(POOLING)
 REDUCTIONS = tuple(dict.fromkeys(m.reduces for m in POOLING.values()))
 
 
+@dataclass(frozen=True)
+class Head:
+    """One way to read a vector out of one forward pass: the pooling mode, the layers averaged,
+    whether special tokens are left out, and L2 normalisation. A sweep's variants that differ only
+    in these share the forward (`EmbedSpec.heads`)."""
+
+    pooling: str = "mean"
+    layers: tuple[int, ...] = (-1,)
+    exclude_special_tokens: bool = False
+    normalize: bool = False
+
+    @classmethod
+    def of(cls, extraction) -> "Head":
+        """The head of an ExtractionConfig."""
+        return cls(extraction.pooling, tuple(extraction.layers), extraction.exclude_special_tokens, extraction.normalize)
+
+
 def modes_for(family: str) -> tuple[str, ...]:
     """The pooling modes a model family allows, in the table's order."""
     return tuple(name for name, m in POOLING.items() if family in m.families)

@@ -171,12 +171,17 @@ class Fit:
 
 
 class PostProcessor:
-    """Applies an ordered chain of steps, in torch, on the device the vectors are on."""
+    """Applies an ordered chain of steps: in torch, on the device the vectors are on (the
+    embedding actors), or in numpy (numpy=True: a sweep's driver, which never imports torch)."""
 
-    def __init__(self, steps, fit: Fit | None):
-        import torch
+    def __init__(self, steps, fit: Fit | None, numpy: bool = False):
+        if numpy:
+            tensor = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+        else:
+            import torch
 
-        tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+            tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+        self.numpy = numpy
         self.ops: list[tuple[str, dict]] = []
         for step in steps:
             if step.fitted and fit is None:
@@ -198,21 +203,30 @@ class PostProcessor:
         return self
 
     def __call__(self, x):
+        if self.numpy:
+            return self._apply(np.asarray(x, dtype=np.float32), _l2_numpy)
         import torch
 
         with torch.no_grad():
-            x = x.float()
-            for op, p in self.ops:
-                if op == "whiten":
-                    x = (x - p["mean"]) @ p["w"]
-                elif op == "remove_top_pcs":
-                    c = x - p["mean"]
-                    x = c - (c @ p["u"]) @ p["u"].T
-                elif op == "zscore":
-                    x = (x - p["mean"]) / p["std"]
-                else:
-                    x = torch.nn.functional.normalize(x, p=2, dim=-1)
-            return x
+            return self._apply(x.float(), lambda v: torch.nn.functional.normalize(v, p=2, dim=-1))
+
+    def _apply(self, x, l2):
+        for op, p in self.ops:
+            if op == "whiten":
+                x = (x - p["mean"]) @ p["w"]
+            elif op == "remove_top_pcs":
+                c = x - p["mean"]
+                x = c - (c @ p["u"]) @ p["u"].T
+            elif op == "zscore":
+                x = (x - p["mean"]) / p["std"]
+            else:
+                x = l2(x)
+        return x
+
+
+def _l2_numpy(x: np.ndarray) -> np.ndarray:
+    """torch.nn.functional.normalize's L2 normalisation (norms floored at 1e-12), in numpy."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class Prepared:
     tokenizer: PortableTokenizer  # the driver's tokenizer, for workers that load no transformers
     artifact_sha256: str | None = None  # the whitening artifact applied, if any
     postprocess: bool = True  # False: raw extraction (what a whitening fit reads)
+    heads: tuple = ()  # several raw heads from one forward (EmbedSpec.heads): a sweep
 
     @property
     def dimension(self) -> int:
@@ -39,7 +40,7 @@ class Prepared:
 
     def spec(self, num_threads: int | None = None) -> EmbedSpec:
         """The EmbedSpec the actors are built from."""
-        return EmbedSpec.from_config(self.cfg, self.resolved, num_threads=num_threads, postprocess=self.postprocess)
+        return EmbedSpec.from_config(self.cfg, self.resolved, num_threads=num_threads, postprocess=self.postprocess, heads=self.heads)
 
 
 def prepare(cfg: PipelineConfig, postprocess: bool = True, isolate: bool | None = None) -> Prepared:

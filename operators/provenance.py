@@ -33,6 +33,7 @@ def extraction_identity(cfg: PipelineConfig, resolved: ResolvedModel) -> dict:
             resolved.identity, dtype=cfg.model.dtype, max_length=resolved.max_length,
             long_documents=cfg.model.long_documents, window_stride=cfg.model.window_stride,
             **engine_identity(cfg.model),
+            **({"init": "random", "init_seed": cfg.model.init_seed} if cfg.model.init == "random" else {}),
         ),
         "extraction": cfg.extraction.model_dump(mode="json"),
     }

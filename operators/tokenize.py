@@ -40,17 +40,26 @@ class EmbedSpec:
     postprocess: tuple = ()  # PipelineConfig.postprocess_steps(): typed steps (operators.postprocess)
     artifact: str | None = None  # whitening artifact URI, when a step needs it
     artifact_storage: StorageConfig = field(default_factory=StorageConfig)
+    # several heads (pooling.Head) read from one forward: the actor returns their raw vectors
+    # side by side, in this order (a sweep); empty: the one head of `extraction`
+    heads: tuple = ()
+
+    @property
+    def keeps_special(self) -> bool:
+        """Whether tokenizing must return the special-token mask apart from `exclude` (a head
+        that leaves special tokens out, beside heads that keep them)."""
+        return any(h.exclude_special_tokens for h in self.heads)
 
     @classmethod
     def from_config(
-        cls, cfg, resolved: ResolvedModel, num_threads: int | None = None, postprocess: bool = True,
+        cls, cfg, resolved: ResolvedModel, num_threads: int | None = None, postprocess: bool = True, heads: tuple = (),
     ) -> "EmbedSpec":
         """The spec for `cfg`; postprocess=False gives raw extraction output (what a fit reads)."""
         steps = tuple(cfg.postprocess_steps()) if postprocess else ()
         return cls(
             model=cfg.model, extraction=cfg.extraction, resolved=resolved, output_dtype=cfg.output.dtype,
             num_threads=num_threads, postprocess=steps, artifact=cfg.whitening.artifact,
-            artifact_storage=cfg.whitening.storage,
+            artifact_storage=cfg.whitening.storage, heads=tuple(heads),
         )
 
 
@@ -66,6 +75,7 @@ class Encoded:
     owner: np.ndarray  # window -> text index
     truncated: np.ndarray  # per text: longer than max_length and cut
     exclude: list[np.ndarray] | None = None  # per window: tokens left out of mean/max pooling
+    special: list[np.ndarray] | None = None  # per window: the special tokens, when EmbedSpec.keeps_special
 
     @property
     def lengths(self) -> np.ndarray:
@@ -185,7 +195,7 @@ class TextEncoder:
             max_length=self.max_length,
             stride=self.spec.model.window_stride if windows else 0,
             return_overflowing_tokens=True,
-            return_special_tokens_mask=ex.exclude_special_tokens,
+            return_special_tokens_mask=ex.exclude_special_tokens or self.spec.keeps_special,
             return_offsets_mapping=ex.exclude_instruction,
         )
 
@@ -235,7 +245,8 @@ class TextEncoder:
                     off = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)
                     m |= (off[:, 0] < formatted[mapping[j]].prefix_chars) & (off[:, 1] > off[:, 0])
                 exclude.append(m)
-        return Encoded(ids, mapping[keep], truncated, exclude)
+        special = [np.asarray(enc["special_tokens_mask"][j], dtype=bool) for j in keep] if self.spec.keeps_special else None
+        return Encoded(ids, mapping[keep], truncated, exclude, special)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """The tokenize stage: the batch plus TOKEN_COLUMNS (null for rows not embedded), built as

@@ -2,12 +2,18 @@
 
     python pipelines/evaluate.py --config configs/models/all-minilm-l6-v2.yaml --output out/eval
     python pipelines/evaluate.py --config a.yaml --config b.yaml --set eval.tasks='[sts/stsb]' --output out/cmp
+    python pipelines/evaluate.py --sweep configs/sweeps/minilm-layers-pooling.yaml --output out/sweep
 
 Per configuration: prepare -> load the tasks -> embed their unique texts on Ray through the corpus
 pipeline's own tokenize and embedding stages (extraction and post-processing included, so a score
 measures exactly what production writes) -> score; then the reports. Embeddings are cached per
 configuration fingerprint under OUTPUT/cache/, written as they arrive: re-scoring is cheap and a
 rerun after a crash resumes. Writes OUTPUT/results.json, OUTPUT/results.md and OUTPUT/results.png.
+
+--sweep FILE: a base config and what to vary (operators/sweep.py). Variants that share a model and
+its input text share one forward pass, pooled by every head they need on the actors; whitening and
+ABTT variants are fitted from the same pass over the fit corpus. Writes the ranked results, the
+chart, and OUTPUT/best/config.yaml, the winner as a config pipelines/embed_corpus.py runs.
 """
 
 from __future__ import annotations
@@ -22,15 +28,32 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from operators import cli
+from operators.config import load_config
 from operators.evaluation import check_held_out, evaluate, results_markdown, selected_tasks, write_reports
 from operators.execution import ray_embed_fn
 from operators.prepare import prepare
+from operators.sweep import describe, load_sweep, run_sweep, sweep_markdown
 
 logger = logging.getLogger("corpus_embed.evaluate")
 
 
+def run_names(cfgs: list, args: argparse.Namespace) -> list[str]:
+    """Each run's name: its config file's stem, and what --set changes from that file."""
+    names = []
+    for cfg, path in zip(cfgs, args.config or [None]):
+        name = Path(path).stem if path else "default"
+        if args.set:
+            change = describe(cfg, load_config(path, []))
+            name = name if change == "base" else f"{name}: {change}"
+        names.append(name)
+    return names
+
+
 def run(cfgs: list, args: argparse.Namespace) -> dict:
-    names = [Path(p).stem if p else "default" for p in (args.config or [None])]
+    if args.sweep:
+        sweep = load_sweep(args.sweep, args.set, args.output)  # every variant validated before any work
+        return run_sweep(sweep, lambda cfg: prepare(cfg, postprocess=False), ray_embed_fn, args.output, logger.info)
+    names = run_names(cfgs, args)
     for cfg in cfgs:  # every config's tasks and held-out rule checked before any embedding
         selected_tasks(cfg)
         check_held_out(cfg)
@@ -43,10 +66,15 @@ def run(cfgs: list, args: argparse.Namespace) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="folder for results.json, results.md, results.png and the cache")
+    p.add_argument("--sweep", help="a sweep file (base config + axes and/or variants): score every variant, sharing forward passes")
+
+
+def summary(results: dict) -> str:
+    return sweep_markdown(results) if "variants" in results else results_markdown(results["comparison"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(__doc__, argv, run, lambda results: results_markdown(results["comparison"]), add_arguments, compare=True)
+    return cli.main(__doc__, argv, run, summary, add_arguments, compare=True)
 
 
 if __name__ == "__main__":
