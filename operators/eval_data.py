@@ -39,6 +39,8 @@ SPLIT_TASKS = {  # name: (train file, test file, label column)
     "sst2": ("clf/sst2.train.tsv", "clf/sst2.test.tsv", "label"),
     "banking77": ("clf/banking77.train.tsv", "clf/banking77.test.tsv", "label"),
 }
+# tasks MTEB has, scored by its protocol (metrics.mteb_classification_accuracy): its settings per task
+MTEB_CLASSIFICATION = {"banking77": {"experiments": 10, "samples_per_label": 8}}
 ALL_TASKS = (
     *[f"sts/{t}" for t in STS_TASKS],
     *[f"clustering/{t}" for t in CLUSTERING_TASKS],

@@ -29,13 +29,21 @@ from operators.config import ConfigError, PipelineConfig
 from operators.eval_data import (
     ALL_TASKS,
     CV_TASKS,
+    MTEB_CLASSIFICATION,
     STS_YEARS,
     load_classification,
     load_clustering,
     read_pairs,
     sts_files,
 )
-from operators.metrics import classification_accuracy, clustering_v_measure, sts_spearman
+from operators.metrics import (
+    clustering_v_measure,
+    mteb_classification_accuracy,
+    senteval_cv_accuracy,
+    senteval_order,
+    senteval_split_accuracy,
+    sts_spearman,
+)
 from operators.readers import looks_like_path
 from operators.storage import commit_file
 
@@ -180,21 +188,37 @@ def score(cfg: PipelineConfig, data: dict, vec) -> dict:
             results["clustering"][name] = {
                 "v_measure": clustering_v_measure(vec(value.texts), value.labels),
                 "n": len(value.texts), "k": int(len(np.unique(value.labels))),
+                "protocol": "MTEB: mean V-measure of MiniBatchKMeans over 10 samples of 16384 drawn with replacement",
             }
         else:
-            x, y = vec(value.texts), value.labels
-            if name in CV_TASKS:
-                acc = classification_accuracy(x, y, folds=cfg.eval.folds)
-                protocol = f"{cfg.eval.folds}-fold CV"
-            else:
-                acc = classification_accuracy(x, y, vec(value.test_texts), value.test_labels)
-                protocol = "train/test split"
-            results["classification"][name] = {"accuracy": acc, "protocol": protocol, "train": int(len(y))}
+            results["classification"][name] = classification_score(name, value, vec, cfg.eval.folds)
     sts = results["sts"]
     main7 = [sts[t]["all"] if t in STS_YEARS else sts[t]["spearman"] for t in (*STS_YEARS, "stsb", "sickr") if t in sts]
     if len(main7) == 7:
         results["sts"]["avg"] = float(np.mean(main7))
     return results
+
+
+def classification_score(name: str, value, vec, folds: int) -> dict:
+    """Accuracy x 100 under the task's reference protocol: MTEB's where MTEB has the task
+    (banking77), else SentEval's (MR, CR, SUBJ, MPQA: nested CV; TREC, SST-2: C tuned by CV on
+    the training split), each in SentEval's order."""
+    x, y = vec(value.texts), value.labels
+    if name in MTEB_CLASSIFICATION:
+        p = MTEB_CLASSIFICATION[name]
+        acc = mteb_classification_accuracy(x, y, vec(value.test_texts), value.test_labels, **p)
+        protocol = f"MTEB: {p['experiments']} experiments of {p['samples_per_label']} training samples per label, logistic regression"
+    elif name in CV_TASKS:
+        order = senteval_order(value.texts, y)
+        acc = senteval_cv_accuracy(x[order], y[order], folds=folds)
+        protocol = f"SentEval: {folds}-fold CV, C tuned by an inner {folds}-fold CV"
+    else:
+        order = senteval_order(value.texts, y)
+        acc = senteval_split_accuracy(x[order], y[order], vec(value.test_texts), value.test_labels, folds=folds)
+        protocol = f"SentEval: C tuned by {folds}-fold CV on the training split, scored on the test split"
+        if name == "sst2":
+            protocol += " (SentEval tunes SST-2 on its dev split, which this data lacks)"
+    return {"accuracy": acc, "protocol": protocol, "train": int(len(y))}
 
 
 def pair_scores(pairs, vec) -> tuple[float, int]:
