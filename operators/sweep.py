@@ -3,7 +3,8 @@ of one. No Ray and no torch here: `run_sweep` takes the embedding function.
 
 A sweep file names a base config and what to vary:
 
-    base: ../models/all-minilm-l6-v2.yaml        # a config path (relative to this file) or a mapping
+    base: ../models/all-minilm-l6-v2.yaml        # a config path (relative to this file), a mapping
+                                                  # (with `extends: path` if it builds on one); none: the default
     set:                                          # overrides for every variant
       eval.tasks: [sts/stsb, sts/sickr]
       whitening.corpus: ../shared/data/wikitext-2/wiki.valid.raw
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from operators.config import ConfigError, PipelineConfig, _merge, _set_dotted, fingerprint, format_validation_error, read_config_tree
+from operators.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, _merge, _set_dotted, fingerprint, format_validation_error, read_config_tree
 from operators.evaluation import EmbeddingCache, check_held_out, load_tasks, score, selected_tasks, task_score, task_texts, text_key
 from operators.pooling import POOLING, Head
 from operators.postprocess import Fit, Moments, PostProcessor
@@ -132,10 +133,14 @@ def load_sweep(path: str | Path, sets: list[str] = (), output: str = "out/sweep"
     if unknown:
         raise ConfigError(f"{path}: unknown keys {', '.join(sorted(unknown))}; a sweep has {', '.join(sorted(SWEEP_KEYS))}")
     base = spec.get("base")
-    if isinstance(base, str):
+    if base is None:  # the embedded default
+        tree = read_config_tree(DEFAULT_CONFIG)
+    elif isinstance(base, str):
         tree = read_config_tree(path.parent / base)
     elif isinstance(base, dict):
         tree = copy.deepcopy(base)
+        if "extends" in tree:  # a mapping over a config file, as a config file extends another
+            tree = _merge(read_config_tree(path.parent / tree.pop("extends")), tree)
     else:
         raise ConfigError(f"{path}: base must be a config path (relative to the sweep file) or a mapping")
     common = dict(spec.get("set") or {})
@@ -159,10 +164,14 @@ def load_sweep(path: str | Path, sets: list[str] = (), output: str = "out/sweep"
     for i, overrides in enumerate(overrides_list):
         vtree = _fits_artifact(_apply(tree, overrides), fits_dir)
         cfg = _validate(vtree, f"{path}: variant {i + 1} {overrides}")
-        label = describe(cfg, base_cfg)
-        if label in seen:  # the same config twice (an axis value equal to another's): scored once
+        same = fingerprint(cfg.model_dump(mode="json"))
+        if same in seen:  # the same config twice (an axis value equal to the base's): scored once
             continue
-        seen[label] = i
+        seen[same] = i
+        label = describe(cfg, base_cfg)
+        labels = [v.label for v in variants]
+        if label in labels:  # differs only where labels look away (eval, ray, ...): numbered
+            label = f"{label} #{labels.count(label) + sum(lb.startswith(label + ' #') for lb in labels) + 1}"
         variants.append(Variant(label, overrides, cfg, vtree))
     rank_by = spec.get("rank_by") or ("sts/avg" if len(selected_tasks(base_cfg)) >= 7 else selected_tasks(base_cfg)[0])
     sweep = Sweep(spec.get("name") or path.stem, base_cfg, variants, rank_by, fits_dir)
@@ -237,6 +246,8 @@ def describe(cfg: PipelineConfig, base: PipelineConfig) -> str:
             parts.append("no special tokens" if value else "with special tokens")
         elif key == "extraction.normalize":
             parts.append("normalize" if value else "no normalize")
+        elif key == "model.name":  # a path or URI: its last part
+            parts.append(f"model={str(value).rstrip('/').rsplit('/', 1)[-1]}")
         elif isinstance(value, str) and len(value) > 24:
             parts.append(f"{name}='{value[:21]}...'")
         else:

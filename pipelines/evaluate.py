@@ -38,14 +38,16 @@ logger = logging.getLogger("corpus_embed.evaluate")
 
 
 def run_names(cfgs: list, args: argparse.Namespace) -> list[str]:
-    """Each run's name: its config file's stem, and what --set changes from that file."""
+    """Each run's name: its config file's stem; with --set, what --set changes from that file too,
+    unless several configs are compared and their stems already tell them apart (--set applies to all)."""
+    paths = args.config or [None]
+    stems = [Path(p).stem if p else "default" for p in paths]
+    if not args.set or (len(stems) > 1 and len(set(stems)) == len(stems)):
+        return stems
     names = []
-    for cfg, path in zip(cfgs, args.config or [None]):
-        name = Path(path).stem if path else "default"
-        if args.set:
-            change = describe(cfg, load_config(path, []))
-            name = name if change == "base" else f"{name}: {change}"
-        names.append(name)
+    for cfg, path, stem in zip(cfgs, paths, stems):
+        change = describe(cfg, load_config(path, []))
+        names.append(stem if change == "base" else f"{stem}: {change}")
     return names
 
 
