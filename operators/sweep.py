@@ -8,7 +8,7 @@ A sweep file names a base config and what to vary:
     set:                                          # overrides for every variant
       eval.tasks: [sts/stsb, sts/sickr]
       whitening.corpus: ../shared/data/wikitext-2/wiki.valid.raw
-    rank_by: sts/stsb                             # a task id, or sts/avg (the seven STS tasks)
+    rank_by: sts/stsb                             # a task id, sts/avg (the seven STS tasks), or mean (of all)
     axes:                                         # the cross product of these ...
       extraction.layers: [[-1], [1, -1], [0]]
       extraction.pooling: [mean, cls]
@@ -185,7 +185,7 @@ def check_sweep(sweep: Sweep) -> None:
     if len({json.dumps(v.cfg.eval.model_dump(mode="json"), sort_keys=True) for v in sweep.variants}) > 1:
         raise ConfigError("sweep: every variant must use the same eval settings (set them in base or set, not in axes)")
     (task_list,) = tasks
-    if sweep.rank_by != "sts/avg" and sweep.rank_by not in task_list:
+    if sweep.rank_by not in ("sts/avg", "mean") and sweep.rank_by not in task_list:
         raise ConfigError(f"sweep: rank_by {sweep.rank_by} is not among eval.tasks ({', '.join(task_list)})")
     if sweep.rank_by == "sts/avg" and not {f"sts/{t}" for t in ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")} <= set(task_list):
         raise ConfigError("sweep: rank_by sts/avg needs the seven STS tasks in eval.tasks")
@@ -235,12 +235,17 @@ def describe(cfg: PipelineConfig, base: PipelineConfig) -> str:
     when nothing."""
     a, b = _flat(cfg.model_dump(mode="json")), _flat(base.model_dump(mode="json"))
     parts = []
+    no_prompt = a.get("extraction.template") is None and b.get("extraction.template") is not None
     for key in a:
         if a[key] == b.get(key) or key.startswith(HIDDEN):
             continue
+        if no_prompt and key == "extraction.preprocess":  # part of dropping the prompt
+            continue
         value = a[key]
         name = SHORT.get(key, key.rsplit(".", 1)[-1])
-        if key == "extraction.demonstrations":
+        if key == "extraction.template" and value is None:
+            parts.append("no prompt")
+        elif key == "extraction.demonstrations":
             parts.append(f"demos={len(value)}")
         elif key == "extraction.exclude_special_tokens":
             parts.append("no special tokens" if value else "with special tokens")
@@ -459,6 +464,12 @@ def run_sweep(sweep: Sweep, prepare_fn, embed_fn_for, output: str, log=None) -> 
 
 
 def rank_score(run: dict, rank_by: str) -> float:
+    """The ranking score: one task's headline score, sts/avg (the seven STS tasks), or mean (of
+    every task's headline score, STS years counted once each)."""
+    if rank_by == "mean":
+        from operators.evaluation import rows_for
+
+        return float(np.mean([v for k, v in rows_for(run).items() if k != "STS avg"]))
     return float(run["sts"]["avg"]) if rank_by == "sts/avg" else float(task_score(run, rank_by))
 
 

@@ -1,0 +1,116 @@
+"""What a sweep costs, side by side in one process on one Ray cluster: one variant alone, every
+variant of the sweep in one pass, and (the baseline) every variant as its own evaluation run,
+which is what the evaluation stage did before sweeps; then the post-processing fits: a sweep of
+whitening k in {all, 256, 128} and ABTT D in {1, 2, 3} against a sweep of one whitening.
+
+    python pipelines/benchmark_sweep.py                       # MiniLM, 12 layer/pooling variants, STS-B
+    python pipelines/benchmark_sweep.py --sweep FILE --no-separate
+
+Every run starts from an empty cache (its own folder under --output). Prints a table and writes
+OUTPUT/benchmark.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from operators.evaluation import evaluate
+from operators.execution import init_ray, ray_embed_fn
+from operators.prepare import prepare
+from operators.sweep import Sweep, load_sweep, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+FITS = [["whiten"], [{"whiten": 256}], [{"whiten": 128}], [{"remove_top_pcs": 1}], [{"remove_top_pcs": 2}], [{"remove_top_pcs": 3}]]
+
+
+def timed_sweep(sweep: Sweep, out: Path) -> tuple[float, dict]:
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    result = run_sweep(sweep, lambda cfg: prepare(cfg, postprocess=False), ray_embed_fn, str(out))
+    return time.perf_counter() - t, result
+
+
+def fit_sweep(path: str, fits: list, output: Path, corpus: str, rows: int) -> Sweep:
+    tmp = output / f"fits-{len(fits)}.yaml"
+    base = Path(path).resolve()
+    tmp.write_text(json.dumps({
+        "base": str((base.parent / _base_of(base)).resolve()),
+        "set": {**_set_of(base), "whitening.corpus": corpus, "whitening.max_sentences": rows},
+        "variants": [{"postprocess": f} for f in fits],
+    }))
+    return load_sweep(tmp, output=str(output / f"fits-{len(fits)}"))
+
+
+def _base_of(path: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["base"]
+
+
+def _set_of(path: Path) -> dict:
+    import yaml
+
+    return dict(yaml.safe_load(path.read_text()).get("set") or {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", default=str(ROOT / "configs" / "sweeps" / "minilm-layers-pooling.yaml"))
+    p.add_argument("--output", default="out/benchmark-sweep")
+    p.add_argument("--no-separate", action="store_true", help="skip the baseline of one evaluation run per variant")
+    p.add_argument("--fit-corpus", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.raw"))
+    p.add_argument("--fit-rows", type=int, default=5000)
+    args = p.parse_args(argv)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = load_sweep(args.sweep, output=str(out / "all"))
+    init_ray(sweep.base)  # the cluster's start is no one's cost
+    rows = []
+
+    one = Sweep(sweep.name, sweep.base, sweep.variants[:1], sweep.rank_by, sweep.fits_dir)
+    t_one, r_one = timed_sweep(one, out / "one")
+    rows.append(("one variant (the base), one pass", 1, t_one, r_one["passes"]))
+    t_all, r_all = timed_sweep(sweep, out / "all")
+    rows.append((f"all {len(sweep.variants)} variants, shared passes", len(sweep.variants), t_all, r_all["passes"]))
+    report = {"sweep": args.sweep, "variants": len(sweep.variants), "one_s": t_one, "sweep_s": t_all,
+              "sweep_vs_one": t_all / t_one, "passes": r_all["passes"]}
+    if not args.no_separate:
+        shutil.rmtree(out / "separate", ignore_errors=True)
+        t = time.perf_counter()
+        for v in sweep.variants:
+            prepared = prepare(v.cfg)
+            evaluate(v.cfg, prepared, ray_embed_fn(v.cfg, prepared), str(out / "separate" / "cache"), v.label)
+        t_sep = time.perf_counter() - t
+        rows.append((f"all {len(sweep.variants)} variants, one evaluation run each (before sweeps)", len(sweep.variants), t_sep, None))
+        report.update(separate_s=t_sep, separate_vs_sweep=t_sep / t_all)
+
+    t_f1, r_f1 = timed_sweep(fit_sweep(args.sweep, FITS[:1], out, args.fit_corpus, args.fit_rows), out / "fits-1")
+    t_f6, r_f6 = timed_sweep(fit_sweep(args.sweep, FITS, out, args.fit_corpus, args.fit_rows), out / "fits-6")
+    rows.append(("whiten (one fit)", 1, t_f1, r_f1["passes"]))
+    rows.append(("whiten k=all/256/128 + ABTT D=1/2/3 (six from one fit)", 6, t_f6, r_f6["passes"]))
+    report.update(fit_one_s=t_f1, fit_six_s=t_f6, fit_six_vs_one=t_f6 / t_f1,
+                  fit_texts_embedded={"one": sum(p["fit_texts"] for p in r_f1["passes"]), "six": sum(p["fit_texts"] for p in r_f6["passes"])})
+
+    print(f"\n{'run':<72} {'variants':>8} {'seconds':>9} {'passes':>6} {'texts':>7} {'fit texts':>9}")
+    for name, n, t, passes in rows:
+        texts = sum(p["texts"] for p in passes) if passes else ""
+        fit = sum(p["fit_texts"] for p in passes) if passes else ""
+        print(f"{name:<72} {n:>8} {t:>9.1f} {len(passes) if passes else n:>6} {texts:>7} {fit:>9}")
+    print(f"\nsweep of {len(sweep.variants)} / one variant: {report['sweep_vs_one']:.2f}x"
+          + (f"; one run per variant / sweep: {report['separate_vs_sweep']:.1f}x" if "separate_s" in report else ""))
+    print(f"six fitted variants / one: {report['fit_six_vs_one']:.2f}x; fit texts embedded: "
+          f"{report['fit_texts_embedded']['six']} for six, {report['fit_texts_embedded']['one']} for one")
+    (out / "benchmark.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
