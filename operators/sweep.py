@@ -70,6 +70,7 @@ class Sweep:
     variants: list[Variant]
     rank_by: str
     fits_dir: str = ""
+    axes: tuple[str, ...] = ()  # the axes' keys, in the file's order (the heatmap's rows and columns)
 
 
 # -- reading a sweep ------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def load_sweep(path: str | Path, sets: list[str] = (), output: str = "out/sweep"
             label = f"{label} #{labels.count(label) + sum(lb.startswith(label + ' #') for lb in labels) + 1}"
         variants.append(Variant(label, overrides, cfg, vtree))
     rank_by = spec.get("rank_by") or ("sts/avg" if len(selected_tasks(base_cfg)) >= 7 else selected_tasks(base_cfg)[0])
-    sweep = Sweep(spec.get("name") or path.stem, base_cfg, variants, rank_by, fits_dir)
+    sweep = Sweep(spec.get("name") or path.stem, base_cfg, variants, rank_by, fits_dir, tuple(axes))
     check_sweep(sweep)
     return sweep
 
@@ -498,33 +499,81 @@ def write_sweep_reports(sweep: Sweep, result: dict, output: str) -> None:
     (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
     (out / "results.md").write_text(sweep_markdown(result))
     sweep_chart(result, out / "results.png")
+    if len(sweep.axes) >= 2:
+        sweep_heatmap(result, sweep.axes[:2], out / "heatmap.png")
     best = result["variants"][0]
     variant = next(v for v in sweep.variants if v.label == best["name"])
     write_best(variant, out / "best")
 
 
-def sweep_chart(result: dict, path: Path) -> None:
-    """Horizontal bars, one per variant, best on top, labelled by what it changes, the value on
-    each bar; the base variant's bar in another colour."""
+CHART_BARS = 30  # bars in results.png: the best ones and the base; every variant is in results.md
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = result["variants"]
+    return plt
+
+
+def sweep_chart(result: dict, path: Path) -> None:
+    """Horizontal bars, best on top, each labelled by what it changes from the base and its value
+    written on it; the base's bar in red, shown even when it ranks below the best CHART_BARS."""
+    plt = _pyplot()
+    ranked = result["variants"]
+    runs = ranked[:CHART_BARS]
+    base = next((r for r in ranked if r["name"] == "base"), None)
+    if base is not None and base not in runs:
+        runs = runs + [base]
     values = [r["rank_score"] if np.isfinite(r["rank_score"]) else 0.0 for r in runs]
-    labels = [r["name"] for r in runs]
-    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.32 * len(runs) + 1.2)))
+    labels = [f"#{ranked.index(r) + 1} {r['name']}" for r in runs]
+    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.3 * len(runs) + 1.2)))
     colors = ["#d62728" if r["name"] == "base" else "#1f77b4" for r in runs]
     y = np.arange(len(runs))[::-1]
     ax.barh(y, values, color=colors)
-    for yi, v in zip(y, values):
-        ax.text(v + 0.3, yi, f"{v:.2f}", va="center", fontsize=8)
+    for yi, v, r in zip(y, values, runs):
+        ax.text(v + 0.2, yi, f"{v:.2f}" if np.isfinite(r["rank_score"]) else "n/a", va="center", fontsize=8)
     ax.set_yticks(y, labels, fontsize=8)
-    lo = max(0.0, min(v for v in values if v > 0) - 5) if any(v > 0 for v in values) else 0.0
-    ax.set_xlim(lo, max(values) + 4)
+    shown = [v for v in values if v > 0]
+    ax.set_xlim(max(0.0, min(shown) - 3) if shown else 0.0, (max(shown) if shown else 1.0) + 3)
     ax.set_xlabel(f"{result['rank_by']} (x 100)")
-    ax.set_title(f"sweep {result['sweep']}: {len(runs)} variants, {len(result['passes'])} forward pass(es)")
+    more = f"; the best {CHART_BARS} shown, all in results.md" if len(ranked) > CHART_BARS else ""
+    ax.set_title(f"sweep {result['sweep']}: {len(ranked)} variants, {len(result['passes'])} forward pass(es){more}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep_heatmap(result: dict, axes: tuple[str, str], path: Path) -> None:
+    """The first two axes as rows and columns; each cell the best score over the other axes'
+    values, written in it."""
+    plt = _pyplot()
+    runs = [r for r in result["variants"] if axes[0] in r["overrides"] and axes[1] in r["overrides"]]
+    if not runs:
+        return
+    rows = list(dict.fromkeys(json.dumps(r["overrides"][axes[0]]) for r in runs))
+    cols = list(dict.fromkeys(json.dumps(r["overrides"][axes[1]]) for r in runs))
+    shown = lambda v: v.strip('"')  # noqa: E731  (a string value without its JSON quotes)
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for r in runs:
+        i, j = rows.index(json.dumps(r["overrides"][axes[0]])), cols.index(json.dumps(r["overrides"][axes[1]]))
+        if np.isfinite(r["rank_score"]):
+            grid[i, j] = np.nanmax([grid[i, j], r["rank_score"]])
+    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2.5, 0.6 * len(rows) + 1.8))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            ax.text(j, i, "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                    color="black" if np.isnan(grid[i, j]) or grid[i, j] >= np.nanmean(grid) else "white")
+    ax.set_xticks(range(len(cols)), [shown(c) for c in cols], fontsize=8)
+    ax.set_yticks(range(len(rows)), [shown(r) for r in rows], fontsize=8)
+    ax.set_xlabel(axes[1].rsplit(".", 1)[-1])
+    ax.set_ylabel(axes[0].rsplit(".", 1)[-1])
+    rest = " (best over the other axes)" if len(runs) > len(rows) * len(cols) else ""
+    ax.set_title(f"{result['rank_by']} by {axes[0].rsplit('.', 1)[-1]} x {axes[1].rsplit('.', 1)[-1]}{rest}", fontsize=9)
+    fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

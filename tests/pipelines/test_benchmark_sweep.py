@@ -1,0 +1,30 @@
+"""The sweep benchmark end to end on local Ray with a tiny model and benchmark folder: every run it
+reports, and the fits' cost in texts embedded (the fit corpus once, whatever the variants)."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from pipelines import benchmark_sweep
+from tests.helpers import REPO, SHARED_DATA, make_bench
+
+
+def test_the_benchmark_reports_each_run_and_embeds_the_fit_corpus_once(ray_local, tmp_path, tiny_bert, capsys):
+    bench = make_bench(tmp_path / "bench")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": str(REPO / "configs" / "default.yaml"),
+        "set": {"model.name": tiny_bert, "eval.data_dir": str(bench), "eval.tasks": ["sts/stsb"]},
+        "axes": {"extraction.layers": [[-1], [0]], "extraction.pooling": ["mean", "max"]},
+    }))
+    out = tmp_path / "out"
+    corpus = str(SHARED_DATA / "wikitext-2" / "wiki.valid.raw")
+    assert benchmark_sweep.main(["--sweep", str(sweep), "--output", str(out), "--fit-corpus", corpus, "--fit-rows", "64"]) == 0
+    report = json.loads((out / "benchmark.json").read_text())
+    assert report["variants"] == 4 and [p["heads"] for p in report["passes"]] == [4]
+    assert report["one_s"] > 0 and report["sweep_s"] > 0 and report["separate_s"] > 0
+    assert report["fit_texts_embedded"] == {"one": 64, "six": 64}
+    printed = capsys.readouterr().out
+    assert "sweep of 4 / one variant" in printed and "six fitted variants / one" in printed
