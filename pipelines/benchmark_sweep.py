@@ -28,7 +28,11 @@ from operators.prepare import prepare
 from operators.sweep import Sweep, load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-FITS = [["whiten"], [{"whiten": 256}], [{"whiten": 128}], [{"remove_top_pcs": 1}], [{"remove_top_pcs": 2}], [{"remove_top_pcs": 3}]]
+
+
+def fits_for(ks: list[int]) -> list:
+    """Whitening to all dims and to each k, and ABTT D = 1, 2, 3: six variants from one fit."""
+    return [["whiten"], *[[{"whiten": k}] for k in ks], [{"remove_top_pcs": 1}], [{"remove_top_pcs": 2}], [{"remove_top_pcs": 3}]]
 
 
 def timed_sweep(sweep: Sweep, out: Path) -> tuple[float, dict]:
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-separate", action="store_true", help="skip the baseline of one evaluation run per variant")
     p.add_argument("--fit-corpus", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.raw"))
     p.add_argument("--fit-rows", type=int, default=5000)
+    p.add_argument("--whiten-ks", default="256,128", help="the whitening dimensions of the fits' sweep (below the model's)")
     args = p.parse_args(argv)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"all {len(sweep.variants)} variants, one evaluation run each (before sweeps)", len(sweep.variants), t_sep, None))
         report.update(separate_s=t_sep, separate_vs_sweep=t_sep / t_all)
 
-    t_f1, r_f1 = timed_sweep(fit_sweep(args.sweep, FITS[:1], out, args.fit_corpus, args.fit_rows), out / "fits-1")
-    t_f6, r_f6 = timed_sweep(fit_sweep(args.sweep, FITS, out, args.fit_corpus, args.fit_rows), out / "fits-6")
+    fits = fits_for([int(k) for k in args.whiten_ks.split(",")])
+    t_f1, r_f1 = timed_sweep(fit_sweep(args.sweep, fits[:1], out, args.fit_corpus, args.fit_rows), out / "fits-1")
+    t_f6, r_f6 = timed_sweep(fit_sweep(args.sweep, fits, out, args.fit_corpus, args.fit_rows), out / f"fits-{len(fits)}")
     rows.append(("whiten (one fit)", 1, t_f1, r_f1["passes"]))
-    rows.append(("whiten k=all/256/128 + ABTT D=1/2/3 (six from one fit)", 6, t_f6, r_f6["passes"]))
+    rows.append((f"whiten k=all/{args.whiten_ks.replace(',', '/')} + ABTT D=1/2/3 ({len(fits)} from one fit)", len(fits), t_f6, r_f6["passes"]))
     report.update(fit_one_s=t_f1, fit_six_s=t_f6, fit_six_vs_one=t_f6 / t_f1,
                   fit_texts_embedded={"one": sum(p["fit_texts"] for p in r_f1["passes"]), "six": sum(p["fit_texts"] for p in r_f6["passes"])})
 

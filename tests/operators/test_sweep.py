@@ -168,3 +168,19 @@ def test_labels_say_what_changed():
     assert describe(base, base) == "base"
     cfg = load_config(None, ["extraction.layers=[0]", "model.init=random", "extraction.demonstrations=[a, b]"])
     assert describe(cfg, base) == "init=random, layers=[0], demos=2"
+
+
+def test_what_shares_a_forward_pass(tmp_path):
+    """Heads of one model and input share a pass; a T5 decoder mode, a prompt, another seed do not."""
+    from operators.sweep import plan_groups
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "set": {"model.name": "google-t5/t5-base", "eval.tasks": ["sts/stsb"]},
+        "axes": {"extraction.pooling": ["encoder_mean", "encoder_first", "decoder_first"], "extraction.layers": [[-1], [0, -1]]},
+        "variants": [{"extraction.pooling": "encoder_mean", "extraction.instruction": "query: "},
+                     {"extraction.pooling": "encoder_mean", "model.init": "random", "model.init_seed": 3}],
+    }))
+    groups = plan_groups(load_sweep(str(path), output=str(tmp_path / "o")))
+    sizes = sorted((len(g.variants), len(g.heads)) for g in groups)
+    assert sizes == [(1, 1), (1, 1), (2, 2), (4, 4)]  # decoder_first apart from the encoder modes
