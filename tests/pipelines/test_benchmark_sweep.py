@@ -1,16 +1,19 @@
 """The sweep benchmark end to end on local Ray with a tiny model and benchmark folder: every run it
-reports, and the fits' cost in texts embedded (the fit corpus once, whatever the variants)."""
+reports, and the fits' cost in texts embedded (the fit corpus once, whatever the variants).
+Marked slow: `.venv/bin/python -m pytest -m slow tests/pipelines/test_benchmark_sweep.py`."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from pipelines import benchmark_sweep
 from tests.helpers import REPO, SHARED_DATA, make_bench
 
 
+@pytest.mark.slow  # six Ray passes (~2 min on 2 cores); the sweep's own pass counting is tested in tests/operators/test_sweep.py
 def test_the_benchmark_reports_each_run_and_embeds_the_fit_corpus_once(ray_local, tmp_path, tiny_bert, capsys):
     bench = make_bench(tmp_path / "bench")
     sweep = tmp_path / "sweep.yaml"
