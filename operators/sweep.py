@@ -39,7 +39,6 @@ import json
 import posixpath
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -194,8 +193,6 @@ def check_sweep(sweep: Sweep) -> None:
         check_held_out(v.cfg)
         if any(s.fitted for s in v.cfg.postprocess_steps()) and not v.cfg.whitening.corpus:
             raise ConfigError(f"sweep: variant '{v.label}' post-processes with a fitted step: set whitening.corpus (e.g. Wikitext) to fit on")
-        if v.cfg.model.engine != "torch" and len(sweep.variants) > 1:
-            pass  # engines bake the layers into the graph: forward_key keeps those variants apart
 
 
 # -- labels -----------------------------------------------------------------------------------------
@@ -348,8 +345,6 @@ def check_group(g: Group, resolved) -> None:
 
 
 # -- running ------------------------------------------------------------------------------------------
-
-EmbedFnFor = Callable[[PipelineConfig, object], Callable]  # (group cfg, prepared with heads) -> EmbedFn
 
 
 def group_pass(g: Group, prepared, embed_fn, texts: list[str], fit_texts: list[str], cache_root: str, chunk: int, log=None):
