@@ -154,6 +154,7 @@ class Embedder:
         ids = np.full((len(idx), width), self.tokenizer.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(idx), width), dtype=np.int64)
         exclude = np.zeros((len(idx), width), dtype=bool) if enc.exclude is not None else None
+        special = np.zeros((len(idx), width), dtype=bool) if enc.special is not None else None
         left = self.tokenizer.padding_side == "left"
         for row, (i, n) in enumerate(zip(idx, lengths)):
             cols = slice(width - n, width) if left else slice(0, n)
@@ -161,9 +162,13 @@ class Embedder:
             mask[row, cols] = 1
             if exclude is not None:
                 exclude[row, cols] = enc.exclude[i]
+            if special is not None:
+                special[row, cols] = enc.special[i]
         arrays = {"input_ids": ids, "attention_mask": mask}
         if exclude is not None:
             arrays["exclude_mask"] = exclude
+        if special is not None:  # a sweep's heads that leave special tokens out
+            arrays["special_mask"] = special
         pin = self.device.type == "cuda"
         return {k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(self.device, non_blocking=pin) for k, v in arrays.items()}
 
@@ -187,7 +192,7 @@ class Embedder:
             inputs = self.pad(enc, idx)
             hidden, layers, pooler = self.states(inputs, need_all_layers)
             mask = inputs["attention_mask"]
-            special = self.pad_flags(enc.special, idx, mask.shape) if self.spec.keeps_special else None
+            special = inputs.get("special_mask")
             if self.spec.resolved.family == "encoder_decoder" and self.mode.states == "decoder":
                 mask = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
             target = inputs["input_ids"] == self.tokenizer.mask_token_id if needs_target else None
@@ -220,20 +225,6 @@ class Embedder:
             vecs = self.post(vecs)
         out[:] = vecs.float().cpu().numpy()
         return Embedded(out, n_tokens, enc.truncated.copy(), padded_tokens)
-
-    def pad_flags(self, flags: list[np.ndarray], idx: np.ndarray, shape) -> torch.Tensor:
-        """Per-window token flags (`Encoded.special`) for windows `idx`, laid out as `pad` lays
-        out their ids."""
-        out = np.zeros(tuple(shape), dtype=bool)
-        left = self.tokenizer.padding_side == "left"
-        width = out.shape[1]
-        for row, i in enumerate(idx):
-            f = flags[i]
-            if left:
-                out[row, width - len(f):] = f
-            else:
-                out[row, : len(f)] = f
-        return torch.from_numpy(out).to(self.device)
 
     def embed_texts(self, texts: list[str]) -> Embedded:
         """The vectors and counts of `texts`, in input order."""

@@ -142,24 +142,35 @@ def embed_cached(texts: list[str], embed_fn: EmbedFn, cache_dir: str, chunk: int
         log("%d texts: %d cached, %d to embed", len(texts), len(texts) - len(todo), len(todo))
     if not todo:
         return vectors
-    keys: list[str] = []
-    embs: list[np.ndarray] = []
-
-    def flush() -> None:
-        emb = np.concatenate(embs)
-        cache.write_part(keys, emb)
-        vectors.update(zip(keys, emb))
-        keys.clear()
-        embs.clear()
-
+    parts = PartWriter(cache, vectors, chunk)
     for batch_keys, batch in embed_fn([text_key(t) for t in todo], todo):
-        keys += batch_keys
-        embs.append(np.asarray(batch, dtype=np.float32))
-        if len(keys) >= chunk:
-            flush()
-    if keys:
-        flush()
+        parts.add(batch_keys, np.asarray(batch, dtype=np.float32))
+    parts.flush()
     return vectors
+
+
+class PartWriter:
+    """Vectors as they arrive: a cache part written every `chunk` of them, each added to
+    `vectors` once written."""
+
+    def __init__(self, cache: EmbeddingCache, vectors: dict, chunk: int):
+        self.cache, self.vectors, self.chunk = cache, vectors, chunk
+        self.keys: list[str] = []
+        self.embs: list[np.ndarray] = []
+
+    def add(self, keys: list[str], emb: np.ndarray) -> None:
+        self.keys += keys
+        self.embs.append(emb)
+        if len(self.keys) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.keys:
+            return
+        emb = np.concatenate(self.embs)
+        self.cache.write_part(self.keys, emb)
+        self.vectors.update(zip(self.keys, emb))
+        self.keys, self.embs = [], []
 
 
 # -- scores -------------------------------------------------------------------------------------

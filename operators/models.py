@@ -266,6 +266,22 @@ def _has_pooler_weights(folder: Path) -> bool | None:
     return False
 
 
+def check_reads(extraction, name: str, family: str, model_type: str, n_states: int) -> None:
+    """The layers and pooling `extraction` reads against a model with `n_states` hidden states
+    of `family`: ConfigError naming what fits."""
+    for layer in extraction.layers:
+        if not -n_states <= layer < n_states:
+            raise ConfigError(
+                f"extraction.layers: {layer} is out of range for {name}, which has {n_states - 1} layers: "
+                f"valid indices are 0..{n_states - 1} (0 = embeddings) or -{n_states}..-1"
+            )
+    if family not in POOLING[extraction.pooling].families:
+        raise ConfigError(
+            f"extraction.pooling={extraction.pooling} does not fit {name}, {FAMILY_NAMES[family]} model "
+            f"({model_type}); for it use one of: {', '.join(modes_for(family))}"
+        )
+
+
 def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: StorageConfig | None = None) -> ResolvedModel:
     """Find the model, check `extraction` against it, and pin its identity. Raises
     ModelLoadError (cannot load) or ConfigError (loads, but the settings do not fit)."""
@@ -331,20 +347,9 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
     if num_layers is None or dimension is None:
         raise ConfigError(f"model.name: {name} ({hf_config.model_type}) does not report its layer count and hidden size")
     n_states = int(num_layers) + 1
-    for layer in extraction.layers:
-        if not -n_states <= layer < n_states:
-            raise ConfigError(
-                f"extraction.layers: {layer} is out of range for {name}, which has {num_layers} layers: "
-                f"valid indices are 0..{n_states - 1} (0 = embeddings) or -{n_states}..-1"
-            )
     family = model_family(hf_config)
-    allowed = modes_for(family)
+    check_reads(extraction, name, family, hf_config.model_type, n_states)
     mode = POOLING[extraction.pooling]
-    if family not in mode.families:
-        raise ConfigError(
-            f"extraction.pooling={extraction.pooling} does not fit {name}, {FAMILY_NAMES[family]} model "
-            f"({hf_config.model_type}); for it use one of: {', '.join(allowed)}"
-        )
     archs = getattr(hf_config, "architectures", None) or []
     if mode.states == "decoder" and archs and all(a.endswith("EncoderModel") for a in archs):
         raise ConfigError(

@@ -66,13 +66,17 @@ def check_artifact(cfg: PipelineConfig, resolved: ResolvedModel) -> Artifact | N
             f"fingerprint {meta.get('extraction_fingerprint')}); this config's is {want}. "
             "Fit one for this config with pipelines/fit_whitening.py"
         )
-    d = len(fit.mean)
+    check_steps(steps, len(fit.mean))
+    return Artifact(fit, meta, sha)
+
+
+def check_steps(steps, d: int) -> None:
+    """Each post-processing step against the embedding dimension `d` (ArtifactError)."""
     for s in steps:
         if isinstance(s, Whiten) and s.k and s.k > d:
             raise ArtifactError(f"whitening.k={s.k} exceeds the embedding dimension {d}")
         if isinstance(s, RemoveTopPCs) and not 0 < s.d < d:
             raise ArtifactError(f"postprocess: remove_top_pcs={s.d} must be between 1 and {d - 1}")
-    return Artifact(fit, meta, sha)
 
 
 def build_provenance(cfg: PipelineConfig, resolved: ResolvedModel, artifact_sha: str | None) -> tuple[dict, str]:

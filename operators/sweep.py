@@ -46,9 +46,20 @@ import numpy as np
 import yaml
 
 from operators.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, _merge, _set_dotted, fingerprint, format_validation_error, read_config_tree
-from operators.evaluation import EmbeddingCache, check_held_out, load_tasks, score, selected_tasks, task_score, task_texts, text_key
+from operators.evaluation import (
+    EmbeddingCache,
+    PartWriter,
+    check_held_out,
+    load_tasks,
+    rows_for,
+    score,
+    selected_tasks,
+    task_score,
+    task_texts,
+    text_key,
+)
 from operators.pooling import POOLING, Head
-from operators.postprocess import Fit, Moments, PostProcessor
+from operators.postprocess import STEP_TYPES, ArtifactError, Fit, Moments, PostProcessor
 
 HEAD_FIELDS = ("pooling", "layers", "exclude_special_tokens", "normalize")
 SWEEP_KEYS = {"base", "set", "rank_by", "axes", "variants", "name"}
@@ -59,7 +70,6 @@ class Variant:
     label: str  # what it changes from the base, e.g. "layers=[0], whiten k=256"
     overrides: dict  # dotted key -> value, over the base
     cfg: PipelineConfig
-    tree: dict  # the config tree it was validated from (best/config.yaml is written from it)
 
 
 @dataclass
@@ -73,6 +83,11 @@ class Sweep:
 
 
 # -- reading a sweep ------------------------------------------------------------------------------
+
+
+def fitted(cfg: PipelineConfig) -> bool:
+    """Whether the config's post-processing has a fitted step (whiten, remove_top_pcs, zscore)."""
+    return any(s.fitted for s in cfg.postprocess_steps())
 
 
 def _validate(tree: dict, where: str) -> PipelineConfig:
@@ -111,9 +126,8 @@ def _postprocess_value(chain, tree: dict):
 
 def _fits_artifact(tree: dict, fits_dir: str) -> dict:
     """A variant with a fitted step gets the artifact its sweep writes (unless it names its own)."""
-    chain = tree.get("postprocess") or []
-    names = [i if isinstance(i, str) else next(iter(i)) for i in chain]
-    if any(n in ("whiten", "remove_top_pcs", "zscore") for n in names) and not (tree.get("whitening") or {}).get("artifact"):
+    names = [i if isinstance(i, str) else next(iter(i)) for i in tree.get("postprocess") or []]
+    if any(n in STEP_TYPES and STEP_TYPES[n].fitted for n in names) and not (tree.get("whitening") or {}).get("artifact"):
         probe = _validate(_merge(tree, {"whitening": {"artifact": "x"}}), "sweep")
         tree = _merge(tree, {"whitening": {"artifact": posixpath.join(fits_dir, f"{fit_key(probe)}.safetensors")}})
     return tree
@@ -172,7 +186,7 @@ def load_sweep(path: str | Path, sets: list[str] = (), output: str = "out/sweep"
         labels = [v.label for v in variants]
         if label in labels:  # differs only where labels look away (eval, ray, ...): numbered
             label = f"{label} #{labels.count(label) + sum(lb.startswith(label + ' #') for lb in labels) + 1}"
-        variants.append(Variant(label, overrides, cfg, vtree))
+        variants.append(Variant(label, overrides, cfg))
     rank_by = spec.get("rank_by") or ("sts/avg" if len(selected_tasks(base_cfg)) >= 7 else selected_tasks(base_cfg)[0])
     sweep = Sweep(spec.get("name") or path.stem, base_cfg, variants, rank_by, fits_dir, tuple(axes))
     check_sweep(sweep)
@@ -181,17 +195,16 @@ def load_sweep(path: str | Path, sets: list[str] = (), output: str = "out/sweep"
 
 def check_sweep(sweep: Sweep) -> None:
     """What the variants must share, and what the ranking needs, before any work."""
-    tasks = {tuple(selected_tasks(v.cfg)) for v in sweep.variants}
     if len({json.dumps(v.cfg.eval.model_dump(mode="json"), sort_keys=True) for v in sweep.variants}) > 1:
         raise ConfigError("sweep: every variant must use the same eval settings (set them in base or set, not in axes)")
-    (task_list,) = tasks
+    task_list = selected_tasks(sweep.variants[0].cfg)
     if sweep.rank_by not in ("sts/avg", "mean") and sweep.rank_by not in task_list:
         raise ConfigError(f"sweep: rank_by {sweep.rank_by} is not among eval.tasks ({', '.join(task_list)})")
     if sweep.rank_by == "sts/avg" and not {f"sts/{t}" for t in ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")} <= set(task_list):
         raise ConfigError("sweep: rank_by sts/avg needs the seven STS tasks in eval.tasks")
     for v in sweep.variants:
         check_held_out(v.cfg)
-        if any(s.fitted for s in v.cfg.postprocess_steps()) and not v.cfg.whitening.corpus:
+        if fitted(v.cfg) and not v.cfg.whitening.corpus:
             raise ConfigError(f"sweep: variant '{v.label}' post-processes with a fitted step: set whitening.corpus (e.g. Wikitext) to fit on")
 
 
@@ -302,10 +315,6 @@ class Group:
     def head_of(self, v: Variant) -> int:
         return self.heads.index(Head.of(v.cfg.extraction))
 
-    @property
-    def fits(self) -> bool:
-        return any(s.fitted for v in self.variants for s in v.cfg.postprocess_steps())
-
 
 def plan_groups(sweep: Sweep) -> list[Group]:
     groups: dict[str, Group] = {}
@@ -317,31 +326,26 @@ def plan_groups(sweep: Sweep) -> list[Group]:
             g.heads.append(head)
     for g in groups.values():
         corpora = {(v.cfg.whitening.corpus, v.cfg.whitening.split, v.cfg.whitening.max_sentences)
-                   for v in g.variants if any(s.fitted for s in v.cfg.postprocess_steps())}
+                   for v in g.variants if fitted(v.cfg)}
         if len(corpora) > 1:
             raise ConfigError(f"sweep: variants sharing a forward pass fit on different corpora {sorted(map(str, corpora))}: use one whitening corpus")
     return list(groups.values())
 
 
 def check_group(g: Group, resolved) -> None:
-    """Each head against the resolved model (pooling vs family, layers in range), and each
-    whitening k against the dimension, before the pass."""
-    n = resolved.num_hidden_states
+    """Each variant's layers and pooling against the resolved model, and its post-processing
+    against the dimension, before the pass: the checks resolve_model and check_artifact make for
+    one config."""
+    from operators.models import check_reads
+    from operators.provenance import check_steps
+
     for v in g.variants:
-        head = Head.of(v.cfg.extraction)
-        mode = POOLING[head.pooling]
-        if resolved.family not in mode.families:
-            raise ConfigError(f"sweep: variant '{v.label}': pooling={head.pooling} does not fit a {resolved.family} model")
-        if mode.reads_cls and head.exclude_special_tokens:
-            raise ConfigError(f"sweep: variant '{v.label}': pooling={head.pooling} reads [CLS], so exclude_special_tokens cannot apply")
-        bad = [layer for layer in head.layers if not -n <= layer < n]
-        if bad:
-            raise ConfigError(f"sweep: variant '{v.label}': layers {bad} out of range; the model returns {n} hidden states (0..{n - 1})")
-        for s in v.cfg.postprocess_steps():
-            if s.op == "whiten" and s.k and s.k > resolved.dimension:
-                raise ConfigError(f"sweep: variant '{v.label}': whitening k={s.k} exceeds the dimension {resolved.dimension}")
-            if s.op == "remove_top_pcs" and not 0 < s.d < resolved.dimension:
-                raise ConfigError(f"sweep: variant '{v.label}': remove_top_pcs={s.d} must be between 1 and {resolved.dimension - 1}")
+        try:
+            check_reads(v.cfg.extraction, resolved.identity.get("name", resolved.source), resolved.family,
+                        resolved.model_type, resolved.num_hidden_states)
+            check_steps(v.cfg.postprocess_steps(), resolved.dimension)
+        except (ConfigError, ArtifactError) as e:
+            raise ConfigError(f"sweep: variant '{v.label}': {e}") from None
 
 
 # -- running ------------------------------------------------------------------------------------------
@@ -368,7 +372,7 @@ def group_pass(g: Group, prepared, embed_fn, texts: list[str], fit_texts: list[s
     if todo or fit_todo:
         keys = [f"b{text_key(t)}" for t in todo] + [f"f{i}" for i in range(len(fit_todo))]
         fresh = [Moments.zeros(d) for _ in g.heads] if fit_todo else None
-        buf_keys, buf = [], []
+        parts = PartWriter(cache, vectors, chunk)
         for batch_keys, batch in embed_fn(keys, todo + fit_todo):
             batch = np.asarray(batch, dtype=np.float32)
             is_fit = np.fromiter((k[0] == "f" for k in batch_keys), dtype=bool, count=len(batch_keys))
@@ -377,17 +381,8 @@ def group_pass(g: Group, prepared, embed_fn, texts: list[str], fit_texts: list[s
                     fresh[h] = fresh[h].merge(Moments.of(batch[is_fit, h * d:(h + 1) * d]))
             bench = np.flatnonzero(~is_fit)
             if len(bench):
-                buf_keys += [batch_keys[i][1:] for i in bench]
-                buf.append(batch[bench])
-                if len(buf_keys) >= chunk:
-                    emb = np.concatenate(buf)
-                    cache.write_part(buf_keys, emb)
-                    vectors.update(zip(buf_keys, emb))
-                    buf_keys, buf = [], []
-        if buf_keys:
-            emb = np.concatenate(buf)
-            cache.write_part(buf_keys, emb)
-            vectors.update(zip(buf_keys, emb))
+                parts.add([batch_keys[i][1:] for i in bench], batch[bench])
+        parts.flush()
         if fresh is not None:
             if fresh[0].n != len(fit_todo):
                 raise RuntimeError(f"moments cover {fresh[0].n} of {len(fit_todo)} fit texts")
@@ -417,7 +412,7 @@ def run_sweep(sweep: Sweep, prepare_fn, embed_fn_for, output: str, log=None) -> 
     for g, prepared in zip(groups, prepared_groups):
         t0 = time.time()
         w = g.variants[0].cfg.whitening
-        fitting = [v for v in g.variants if any(s.fitted for s in v.cfg.postprocess_steps())]
+        fitting = [v for v in g.variants if fitted(v.cfg)]
         fit_texts = read_fit_corpus(w.corpus, w.split, w.max_sentences, w.storage) if fitting else []
         if fitting and len(fit_texts) <= prepared.resolved.dimension:
             raise ConfigError(f"whitening.corpus: {len(fit_texts)} texts from {w.corpus}, fewer than the {prepared.resolved.dimension} dimensions")
@@ -450,10 +445,9 @@ def run_sweep(sweep: Sweep, prepare_fn, embed_fn_for, output: str, log=None) -> 
         r["rank_score"] = rank_score(r, sweep.rank_by)
     # a variant whose vectors are all the same (CLS at layer 0) has no correlation: ranked last
     runs.sort(key=lambda r: -r["rank_score"] if np.isfinite(r["rank_score"]) else np.inf)
-    base_label = next((r for r in runs if r["name"] == "base"), None)
     result = {
         "sweep": sweep.name, "rank_by": sweep.rank_by, "variants": runs, "passes": passes,
-        "base": base_label["name"] if base_label else None, "seconds": time.time() - t_start,
+        "base": "base" if any(r["name"] == "base" for r in runs) else None, "seconds": time.time() - t_start,
     }
     write_sweep_reports(sweep, result, output)
     return result
@@ -463,8 +457,6 @@ def rank_score(run: dict, rank_by: str) -> float:
     """The ranking score: one task's headline score, sts/avg (the seven STS tasks), or mean (of
     every task's headline score, STS years counted once each)."""
     if rank_by == "mean":
-        from operators.evaluation import rows_for
-
         return float(np.mean([v for k, v in rows_for(run).items() if k != "STS avg"]))
     return float(run["sts"]["avg"]) if rank_by == "sts/avg" else float(task_score(run, rank_by))
 
@@ -473,8 +465,6 @@ def rank_score(run: dict, rank_by: str) -> float:
 
 
 def sweep_markdown(result: dict) -> str:
-    from operators.evaluation import rows_for
-
     runs = result["variants"]
     flat = [rows_for(r) for r in runs]
     cols = list(dict.fromkeys(k for f in flat for k in f))

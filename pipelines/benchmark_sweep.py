@@ -43,26 +43,18 @@ def timed_sweep(sweep: Sweep, out: Path) -> tuple[float, dict]:
 
 
 def fit_sweep(path: str, fits: list, output: Path, corpus: str, rows: int) -> Sweep:
+    """The sweep file's base and settings with `fits` as its variants, fitted on `corpus`."""
+    import yaml
+
+    source = Path(path).resolve()
+    spec = yaml.safe_load(source.read_text())
     tmp = output / f"fits-{len(fits)}.yaml"
-    base = Path(path).resolve()
     tmp.write_text(json.dumps({
-        "base": str((base.parent / _base_of(base)).resolve()),
-        "set": {**_set_of(base), "whitening.corpus": corpus, "whitening.max_sentences": rows},
+        "base": str((source.parent / spec["base"]).resolve()),
+        "set": {**(spec.get("set") or {}), "whitening.corpus": corpus, "whitening.max_sentences": rows},
         "variants": [{"postprocess": f} for f in fits],
     }))
     return load_sweep(tmp, output=str(output / f"fits-{len(fits)}"))
-
-
-def _base_of(path: Path) -> str:
-    import yaml
-
-    return yaml.safe_load(path.read_text())["base"]
-
-
-def _set_of(path: Path) -> dict:
-    import yaml
-
-    return dict(yaml.safe_load(path.read_text()).get("set") or {})
 
 
 def main(argv: list[str] | None = None) -> int:
