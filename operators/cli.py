@@ -23,13 +23,14 @@ from operators.lease import LeaseError
 from operators.models import ModelLoadError
 from operators.postprocess import ArtifactError
 from operators.sinks import SinkError
+from operators.sources import SourceError
 from operators.storage import InputError, redact_text
 from operators.writers import IncompleteShardError
 
 logger = logging.getLogger("corpus_embed")
 
 EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
-    ((ConfigError, InputError, ModelLoadError, ArtifactError, EvalDataError, LeaseError), 2),
+    ((ConfigError, InputError, ModelLoadError, ArtifactError, EvalDataError, SourceError, LeaseError), 2),
     ((GateError,), 3),
     ((IncompleteShardError, SinkError), 1),
 )

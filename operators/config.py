@@ -242,8 +242,9 @@ class RayConfig(_Strict):
 class WhiteningConfig(_Strict):
     """Fit (pipelines/fit_whitening.py) and apply (every pipeline) a whitening artifact."""
 
-    # What the fit reads: a path, glob or URI of raw text files (e.g. '../shared/data/wikitext-2/wiki.*.raw'),
-    # or a `datasets` id with its config, e.g. 'wikitext/wikitext-103-raw-v1' (needs a hub).
+    # What the fit reads: a named corpus ('wikitext-2' = wikitext-2-raw-v1/validation, 'wikitext-2-raw-v1/test',
+    # 'wikitext-103-raw-v1/train', ...: Salesforce/wikitext at a pinned commit, through eval.mirror like the
+    # benchmarks), or a path, glob or URI of raw text files.
     corpus: str | None = None
     artifact: str | None = None  # URI of the artifact: written by the fit, read when applying
     k: int | None = Field(None, ge=1)  # dimensions kept by whitening; None: all
@@ -255,18 +256,25 @@ class WhiteningConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """pipelines/evaluate.py: held-out benchmarks (layout in the README)."""
+    """pipelines/evaluate.py and the quality gate: the tasks (README: Evaluation) and where their data comes from."""
 
-    data_dir: str = "../shared/data"  # benchmark folder or fsspec URI
-    tasks: tuple[str, ...] | None = None  # e.g. [sts/stsb, clustering/banking77, classification/mr]; None: all
-    sts_variant: Literal["raw", "senteval"] = "raw"  # senteval: Moses-tokenized, lowercased text
+    # A mirror of the sources laid out as they are (hf/datasets/<repo>/<file>, senteval/..., ...): any
+    # local path or fsspec URI. None: the environment variable CORPUS_EMBED_MIRROR, else the sources
+    # themselves (the Hub, GitHub), downloaded once into the cache. `data_dir` is its earlier name.
+    mirror: str | None = Field(None, validation_alias=AliasChoices("mirror", "data_dir"))
+    storage: StorageConfig = Field(default_factory=StorageConfig)  # how to reach the mirror (S3 endpoint, ...)
+    tasks: tuple[str, ...] | None = None  # MTEB names (STSBenchmark, SciFact, ...) or ours (clustering/stackoverflow, ...); None: all of ours
+    # the instruction retrieval queries are embedded with instead of extraction.instruction (E5: 'query: ');
+    # documents always get extraction.instruction, as the corpus pipeline embeds them
+    query_instruction: str | None = None
+    sts_variant: Literal["raw"] = "raw"  # STS is MTEB's data (untokenized); the SentEval-tokenized variant is gone
     folds: int = Field(10, ge=2)  # cross-validation folds for MR, CR, SUBJ, MPQA
     max_train: int | None = Field(None, ge=10)  # cap on training rows of split tasks (SST-2 has 67k phrases); CV sets stay whole
     chunk: int = Field(8192, ge=1)  # texts embedded per cached chunk: the unit of resume after a crash
 
 
 class GateConfig(_Strict):
-    """Quality gate: after the run, score the config on these evaluation tasks (eval.data_dir) and
+    """Quality gate: after the run, score the config on these evaluation tasks (eval.*) and
     fail before publishing when a score is below its floor."""
 
     tasks: tuple[str, ...] = ()  # e.g. [sts/stsb]; empty: no gate
@@ -361,7 +369,7 @@ class PipelineConfig(_Strict):
 
 
 # renamed keys: (section, old name) -> new name. The old names keep working in YAML and --set.
-RENAMED = {("model", "batch_size"): "forward_batch_size", ("ray", "batch_size"): "rows_per_call"}
+RENAMED = {("model", "batch_size"): "forward_batch_size", ("ray", "batch_size"): "rows_per_call", ("eval", "data_dir"): "mirror"}
 
 
 def _new_names(tree: dict) -> dict:

@@ -24,17 +24,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from operators import __version__
+from operators import __version__, models
 from operators.config import ConfigError, PipelineConfig
 from operators.eval_data import (
     ALL_TASKS,
     CV_TASKS,
     MTEB_CLASSIFICATION,
-    STS_YEARS,
-    load_classification,
-    load_clustering,
-    read_pairs,
-    sts_files,
+    STS_SEVEN,
+    EvalDataError,
+    Labelled,
+    canonical,
+    check_task_names,
+    corpus_files,
+    is_own,
+    load_own,
 )
 from operators.metrics import (
     clustering_v_measure,
@@ -44,7 +47,9 @@ from operators.metrics import (
     senteval_split_accuracy,
     sts_spearman,
 )
+from operators.mteb_tasks import DOCUMENT, QUERY, LookupEncoder, load_mteb_task, model_meta, run_mteb, task_inputs
 from operators.readers import looks_like_path
+from operators.sources import SourceError, Sources, mirror_from
 from operators.storage import commit_file
 
 EmbedFn = Callable[[list[str], list[str]], Iterable[tuple[list[str], np.ndarray]]]
@@ -55,51 +60,83 @@ def text_key(text: str) -> str:
 
 
 def selected_tasks(cfg: PipelineConfig) -> list[str]:
-    tasks = list(cfg.eval.tasks or ALL_TASKS)
-    unknown = [t for t in tasks if t not in ALL_TASKS]
-    if unknown:
-        raise ConfigError(f"eval.tasks: unknown {', '.join(unknown)}; valid: {', '.join(ALL_TASKS)}")
-    return tasks
+    """eval.tasks as canonical names (MTEB's, or ours for what MTEB lacks); unknown names refused."""
+    try:
+        return check_task_names(cfg.eval.tasks or ALL_TASKS)
+    except EvalDataError as e:
+        raise ConfigError(str(e)) from None
+
+
+def eval_sources(cfg: PipelineConfig) -> Sources:
+    """Where the tasks' files come from: eval.mirror, else CORPUS_EMBED_MIRROR, else the sources."""
+    return Sources(mirror_from(cfg.eval.mirror), str(models.CACHE_DIR), cfg.eval.storage)
 
 
 def check_held_out(cfg: PipelineConfig) -> None:
-    """Nothing from the benchmarks may feed a fitted step."""
+    """Nothing from the benchmarks may feed a fitted step: a fit corpus that names a benchmark, or
+    whose files resolve inside the mirror's benchmark folders, is refused."""
     corpus = cfg.whitening.corpus
-    if corpus and looks_like_path(corpus):
-        bench = [posixpath.join(cfg.eval.data_dir, d) for d in ("sts", "clf", "senteval", "sts-raw")]
-        norm = lambda p: str(Path(p).expanduser().resolve()) if "://" not in p else p  # noqa: E731
-        if any(norm(corpus).startswith(norm(b)) for b in bench):
-            raise ConfigError(f"whitening.corpus: {corpus} lies inside the benchmarks ({cfg.eval.data_dir}); fit on held-out text such as Wikitext")
+    if not corpus or corpus_files(corpus) is not None or not looks_like_path(corpus):
+        return
+    mirror = mirror_from(cfg.eval.mirror)
+    folders = ["hf/datasets/mteb", "senteval", "stackoverflow", "ag_news", "sts", "clf", "sts-raw", "banking77"]
+    norm = lambda p: str(Path(p).expanduser().resolve()) if "://" not in p else p  # noqa: E731
+    if mirror and any(norm(corpus).startswith(norm(posixpath.join(mirror, f)) + "/") for f in folders):
+        raise ConfigError(f"whitening.corpus: {corpus} lies inside the benchmarks ({mirror}); fit on held-out text such as wikitext-2")
 
 
-def load_tasks(cfg: PipelineConfig, tasks: list[str]) -> dict:
-    data, d = {}, cfg.eval.data_dir
+def load_tasks(cfg: PipelineConfig, tasks: list[str], sources: Sources | None = None) -> dict:
+    """Each task's data, read before any embedding: an mteb task with its data loaded, or ours
+    (Labelled). A missing file, a checksum or revision mismatch, an unreachable source: SourceError."""
+    sources = sources or eval_sources(cfg)
+    data = {}
     for task in tasks:
-        kind, name = task.split("/")
-        if kind == "sts":
-            data[task] = {sub: read_pairs(uri) for sub, uri in sts_files(d, name, cfg.eval.sts_variant).items()}
-        elif kind == "clustering":
-            data[task] = load_clustering(d, name)
-        else:
-            data[task] = load_classification(d, name)
+        if is_own(task):
+            data[task] = load_own(sources, task)
+            value = data[task]
             cap = cfg.eval.max_train
-            if data[task].test_texts and cap and len(data[task].texts) > cap:  # before embedding: saves the work
-                keep = np.sort(np.random.default_rng(0).permutation(len(data[task].texts))[:cap])
-                data[task].texts = [data[task].texts[i] for i in keep]
-                data[task].labels = data[task].labels[keep]
+            if value.test_texts and cap and len(value.texts) > cap:  # before embedding: saves the work
+                keep = np.sort(np.random.default_rng(0).permutation(len(value.texts))[:cap])
+                value.texts = [value.texts[i] for i in keep]
+                value.labels = value.labels[keep]
+        else:
+            data[task] = load_mteb_task(task, sources)
     return data
 
 
-def task_texts(data: dict) -> list[str]:
-    seen: dict[str, None] = {}
-    for task, value in data.items():
-        if task.startswith("sts/"):
-            for pairs in value.values():
-                seen.update(dict.fromkeys(pairs.s1))
-                seen.update(dict.fromkeys(pairs.s2))
+def inputs_of(data: dict) -> dict[str, list[str]]:
+    """The texts to embed, by side (QUERY: retrieval queries; DOCUMENT: everything else)."""
+    out: dict[str, dict[str, None]] = {QUERY: {}, DOCUMENT: {}}
+    for value in data.values():
+        if isinstance(value, Labelled):
+            out[DOCUMENT].update(dict.fromkeys(value.all_texts()))
         else:
-            seen.update(dict.fromkeys(value.all_texts()))
-    return list(seen)
+            for side, texts in task_inputs(value).items():
+                out[side].update(dict.fromkeys(texts))
+    return {k: list(v) for k, v in out.items()}
+
+
+def task_texts(data: dict) -> list[str]:
+    """Every text of the tasks, embedded the same way (queries and documents alike)."""
+    sides = inputs_of(data)
+    return list(dict.fromkeys(sides[DOCUMENT] + sides[QUERY]))
+
+
+def query_config(cfg: PipelineConfig) -> PipelineConfig | None:
+    """The config queries are embedded with when eval.query_instruction differs from extraction.instruction."""
+    q = cfg.eval.query_instruction
+    if q is None or q == cfg.extraction.instruction:
+        return None
+    return cfg.model_copy(update={"extraction": cfg.extraction.model_copy(update={"instruction": q or None})})
+
+
+def query_side_for(cfg: PipelineConfig, prepare_fn, embed_fn_for):
+    """(prepared, embed_fn) for the queries when eval.query_instruction differs, else None."""
+    qcfg = query_config(cfg)
+    if qcfg is None:
+        return None
+    prepared = prepare_fn(qcfg)
+    return prepared, embed_fn_for(qcfg, prepared)
 
 
 # -- the embedding cache ------------------------------------------------------------------------
@@ -176,44 +213,46 @@ class PartWriter:
 # -- scores -------------------------------------------------------------------------------------
 
 
-def score(cfg: PipelineConfig, data: dict, vec) -> dict:
-    """Per-task scores; `vec(list_of_texts)` returns their embeddings."""
-    results: dict = {"sts": {}, "clustering": {}, "classification": {}}
+def score(cfg: PipelineConfig, data: dict, vec, mteb_dir: str | None = None, meta=None) -> dict:
+    """Per-task scores x 100 ({tasks: {name: {score, metric, protocol, ...}}, sts_avg}).
+    `vec(texts)` returns their embeddings, or `vec(texts, side)` where queries differ; MTEB's
+    tasks are scored by mteb itself, its results written under `mteb_dir` (a temporary folder
+    when none) as `meta` (mteb_tasks.model_meta)."""
+    import tempfile
+
+    def lookup(side: str, texts: list[str]) -> np.ndarray:
+        return vec(texts, side) if getattr(vec, "sided", False) else vec(texts)
+
+    tasks: dict = {}
+    mteb_tasks = [value for value in data.values() if not isinstance(value, Labelled)]
+    if mteb_tasks:
+        with tempfile.TemporaryDirectory() as tmp:
+            encoder = LookupEncoder(lookup, meta or model_meta(cfg.model.name, "unnamed", None))
+            tasks.update(run_mteb(mteb_tasks, encoder, mteb_dir or tmp))
     for task, value in data.items():
-        kind, name = task.split("/")
-        if kind == "sts":
-            per = {sub: sts_spearman(vec(p.s1), vec(p.s2), p.gold) for sub, p in value.items()}
-            if name in STS_YEARS:
-                pooled_s1 = [s for p in value.values() for s in p.s1]
-                pooled_s2 = [s for p in value.values() for s in p.s2]
-                gold = np.concatenate([p.gold for p in value.values()])
-                results["sts"][name] = {
-                    "all": sts_spearman(vec(pooled_s1), vec(pooled_s2), gold),
-                    "mean": float(np.mean(list(per.values()))),
-                    "subsets": per,
-                    "pairs": int(len(gold)),
-                }
-            else:
-                results["sts"][name] = {"spearman": per["test"], "pairs": int(len(value["test"].gold))}
-        elif kind == "clustering":
-            results["clustering"][name] = {
-                "v_measure": clustering_v_measure(vec(value.texts), value.labels),
-                "n": len(value.texts), "k": int(len(np.unique(value.labels))),
-                "protocol": "MTEB: mean V-measure of MiniBatchKMeans over 10 samples of 16384 drawn with replacement",
-            }
-        else:
-            results["classification"][name] = classification_score(name, value, vec, cfg.eval.folds)
-    sts = results["sts"]
-    main7 = [sts[t]["all"] if t in STS_YEARS else sts[t]["spearman"] for t in (*STS_YEARS, "stsb", "sickr") if t in sts]
-    if len(main7) == 7:
-        results["sts"]["avg"] = float(np.mean(main7))
-    return results
+        if isinstance(value, Labelled):
+            tasks[task] = own_score(task, value, lambda t: lookup(DOCUMENT, t), cfg.eval.folds)
+    tasks = {t: tasks[t] for t in data}  # in the order asked
+    out: dict = {"tasks": tasks}
+    if all(t in tasks for t in STS_SEVEN):
+        out["sts_avg"] = float(np.mean([tasks[t]["score"] for t in STS_SEVEN]))
+    return out
+
+
+def own_score(task: str, value: Labelled, vec, folds: int) -> dict:
+    """A task MTEB lacks, by its reference protocol: MTEB's clustering protocol for the clustering
+    sets; SentEval's for MR, CR, SUBJ, MPQA (nested CV), TREC and SST-2 (C tuned by CV on the
+    training split), each in SentEval's order."""
+    kind, name = task.split("/", 1)
+    if kind == "clustering":
+        return {"score": clustering_v_measure(vec(value.texts), value.labels), "metric": "v_measure",
+                "n": len(value.texts), "k": int(len(np.unique(value.labels))), "source": value.source,
+                "protocol": "MTEB: mean V-measure of MiniBatchKMeans over 10 samples of 16384 drawn with replacement"}
+    return {**classification_score(name, value, vec, folds), "metric": "accuracy", "source": value.source}
 
 
 def classification_score(name: str, value, vec, folds: int) -> dict:
-    """Accuracy x 100 under the task's reference protocol: MTEB's where MTEB has the task
-    (banking77), else SentEval's (MR, CR, SUBJ, MPQA: nested CV; TREC, SST-2: C tuned by CV on
-    the training split), each in SentEval's order."""
+    """Accuracy x 100 under the task's reference protocol (see own_score)."""
     x, y = vec(value.texts), value.labels
     if name in MTEB_CLASSIFICATION:
         p = MTEB_CLASSIFICATION[name]
@@ -229,7 +268,7 @@ def classification_score(name: str, value, vec, folds: int) -> dict:
         protocol = f"SentEval: C tuned by {folds}-fold CV on the training split, scored on the test split"
         if name == "sst2":
             protocol += " (SentEval tunes SST-2 on its dev split, which this data lacks)"
-    return {"accuracy": acc, "protocol": protocol, "train": int(len(y))}
+    return {"score": acc, "protocol": protocol, "train": int(len(y))}
 
 
 def pair_scores(pairs, vec) -> tuple[float, int]:
@@ -242,40 +281,58 @@ def pair_scores(pairs, vec) -> tuple[float, int]:
 
 
 def task_score(run: dict, task: str) -> float:
-    """The headline score x 100 of one task id (sts/stsb, clustering/banking77, ...) in a run."""
-    group, name = task.split("/", 1)
-    if group == "sts":
-        r = run["sts"][name]
-        return r["all"] if "all" in r else r["spearman"]
-    if group == "clustering":
-        return run["clustering"][name]["v_measure"]
-    return run["classification"][name]["accuracy"]
+    """The headline score x 100 of one task (any of its names), or sts/avg, in a run."""
+    if task == "sts/avg":
+        return run["sts_avg"]
+    return run["tasks"][canonical(task)]["score"]
 
 
 def evaluate(cfg: PipelineConfig, prepared, embed_fn: EmbedFn, cache_root: str, name: str = "default",
-             path: str | None = None, log=None) -> dict:
-    """Score `cfg` on its eval.tasks with `embed_fn`; vectors cached under `cache_root`/<fingerprint>."""
+             path: str | None = None, log=None, data: dict | None = None, query_side=None, mteb_dir: str | None = None) -> dict:
+    """Score `cfg` on its eval.tasks with `embed_fn`; vectors cached under `cache_root`/<fingerprint>.
+    `data`: the tasks already loaded (load_tasks); `query_side`: (prepared, embed_fn) of
+    query_config(cfg), when queries are embedded with another instruction."""
     tasks = selected_tasks(cfg)
     check_held_out(cfg)
     t0 = time.time()
-    data = load_tasks(cfg, tasks)
-    texts = task_texts(data)
+    data = data if data is not None else load_tasks(cfg, tasks)
+    sides = inputs_of(data)
+    if query_side is None and query_config(cfg) is not None and sides[QUERY]:
+        raise ConfigError("eval.query_instruction: queries need their own embedding pass, which this caller does not provide")
+    doc_texts = sides[DOCUMENT] + (sides[QUERY] if query_side is None else [])
     t1 = time.time()
-    vectors = embed_cached(texts, embed_fn, posixpath.join(cache_root, prepared.fingerprint), cfg.eval.chunk, log)
+    vectors = embed_cached(doc_texts, embed_fn, posixpath.join(cache_root, prepared.fingerprint), cfg.eval.chunk, log)
+    queries = vectors
+    if query_side is not None and sides[QUERY]:
+        q_prepared, q_embed = query_side
+        queries = embed_cached(sides[QUERY], q_embed, posixpath.join(cache_root, q_prepared.fingerprint), cfg.eval.chunk, log)
     t2 = time.time()
+    missed = []
 
-    def vec(batch: list[str]) -> np.ndarray:
-        return np.stack([vectors[text_key(t)] for t in batch])
+    def vec(batch: list[str], side: str = DOCUMENT) -> np.ndarray:
+        table, fn = (queries, query_side[1] if query_side else embed_fn) if side == QUERY else (vectors, embed_fn)
+        todo = [t for t in dict.fromkeys(batch) if text_key(t) not in table]
+        if todo:  # asked for a text the prefetch did not list: embedded now, counted
+            missed.extend(todo)
+            for keys, emb in fn([text_key(t) for t in todo], todo):
+                table.update(zip(keys, np.asarray(emb, dtype=np.float32)))
+        return np.stack([table[text_key(t)] for t in batch])
 
-    results = score(cfg, data, vec)
-    t3 = time.time()
+    vec.sided = True
     p = prepared.provenance
+    meta = model_meta(cfg.model.name, prepared.fingerprint, p["dimension"])
+    results = score(cfg, data, vec, mteb_dir, meta)
+    t3 = time.time()
+    if missed and log:
+        log("%d texts were not in the prefetched set and were embedded on demand", len(missed))
+    sources = eval_sources(cfg)
     return {
         "name": name, "config": path, "config_fingerprint": prepared.fingerprint,
         "model": {"name": cfg.model.name, **p["model"]}, "extraction": p["extraction"], "postprocess": p["postprocess"],
-        "dimension": p["dimension"], "sts_variant": cfg.eval.sts_variant, "data_dir": cfg.eval.data_dir,
+        "dimension": p["dimension"], "data_from": sources.where, "query_instruction": cfg.eval.query_instruction,
         **results,
-        "timings": {"load_s": t1 - t0, "embed_s": t2 - t1, "score_s": t3 - t2, "texts": len(texts)},
+        "timings": {"load_s": t1 - t0, "embed_s": t2 - t1, "score_s": t3 - t2, "texts": len(doc_texts) + (len(sides[QUERY]) if query_side else 0),
+                    "embedded_on_demand": len(missed)},
         "package_version": __version__,
     }
 
@@ -285,17 +342,9 @@ def evaluate(cfg: PipelineConfig, prepared, embed_fn: EmbedFn, cache_root: str, 
 
 def rows_for(run: dict) -> dict[str, float]:
     """Flat task -> headline score, for the table and the chart."""
-    out = {}
-    for name, r in run["sts"].items():
-        if name == "avg":
-            continue
-        out[f"STS {name}"] = r["all"] if "all" in r else r["spearman"]
-    if "avg" in run["sts"]:
-        out["STS avg"] = run["sts"]["avg"]
-    for name, r in run["clustering"].items():
-        out[f"clustering {name}"] = r["v_measure"]
-    for name, r in run["classification"].items():
-        out[f"classification {name}"] = r["accuracy"]
+    out = {name: r["score"] for name, r in run["tasks"].items()}
+    if "sts_avg" in run:
+        out["STS avg"] = run["sts_avg"]
     return out
 
 
@@ -305,7 +354,8 @@ def results_markdown(runs: list[dict]) -> str:
     lines = ["| task | " + " | ".join(r["name"] for r in runs) + " |", "|---|" + "---|" * len(runs)]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(f"{f[k]:.2f}" if k in f else "" for f in flat) + " |")
-    note = "STS: Spearman x 100 of cosine vs gold (years: 'all' = subsets pooled); clustering: V-measure x 100; classification: accuracy x 100."
+    note = ("Scores x 100: each task's main score (MTEB's tasks by mteb's own evaluators: STS cosine Spearman, "
+            "classification accuracy, retrieval nDCG@10; clustering V-measure; SentEval accuracy).")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

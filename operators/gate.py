@@ -1,7 +1,7 @@
 """The quality gate: score the run's configuration on gate.tasks and refuse to publish below a floor.
 
-`check_gate_data` runs before any work (the tasks' files must be there before hours of
-embedding); `run_gate` scores with the evaluation stage and the embedding function it is handed,
+`check_gate_data` runs before any work (the tasks' names and data must check out before hours of
+embedding: a missing file or an unreachable source fails the run with exit 2); `run_gate` scores with the evaluation stage and the embedding function it is handed,
 its vectors cached per config fingerprint under CORPUS_EMBED_CACHE (models.CACHE_DIR)/gate, so a
 nightly run on an unchanged config scores from the cache.
 """
@@ -54,11 +54,12 @@ def gate_cache_root() -> Path:
     return models.CACHE_DIR / "gate"
 
 
-def run_gate(cfg: PipelineConfig, prepared, embed_fn: EmbedFn) -> GateResult | None:
-    """Score `cfg` on gate.tasks against gate.min_scores; None when no gate is configured."""
+def run_gate(cfg: PipelineConfig, prepared, embed_fn: EmbedFn, query_side=None) -> GateResult | None:
+    """Score `cfg` on gate.tasks against gate.min_scores (any task the evaluation scores: STS,
+    retrieval nDCG@10, ...); None when no gate is configured. `query_side`: see evaluation.evaluate."""
     if not cfg.gate.tasks:
         return None
-    result = evaluate(gate_eval_config(cfg), prepared, embed_fn, str(gate_cache_root()))
+    result = evaluate(gate_eval_config(cfg), prepared, embed_fn, str(gate_cache_root()), query_side=query_side)
     scores = {t: task_score(result, t) for t in cfg.gate.tasks}
     failed = sorted(t for t, s in scores.items() if t in cfg.gate.min_scores and s < cfg.gate.min_scores[t])
     return GateResult(scores, dict(cfg.gate.min_scores), not failed, failed)

@@ -293,11 +293,30 @@ def looks_like_path(corpus: str) -> bool:
     return "://" in corpus or any(c in corpus for c in "*?[") or corpus.startswith((".", "/", "~")) or os.path.exists(corpus)
 
 
-def read_fit_corpus(corpus: str, split: str, limit: int, storage) -> list[str]:
-    """The texts a whitening fit reads: raw text files (path, glob or any fsspec URI; .gz/.zst
-    fine), or a `datasets` id 'name/config' (its train split) where a hub is reachable."""
-    if looks_like_path(corpus):
+def read_fit_corpus(corpus: str, split: str, limit: int, storage, mirror: str | None = None) -> list[str]:
+    """The texts a whitening fit (or a calibration) reads: a named corpus ('wikitext-2',
+    'wikitext-103-raw-v1/train', ...: Salesforce/wikitext's Parquet files at a pinned commit, from
+    the Hub or the mirror `mirror` / CORPUS_EMBED_MIRROR, downloaded once into the cache), or raw
+    text files (path, glob or any fsspec URI; .gz/.zst fine)."""
+    from operators.eval_data import CORPUS_NAMES, corpus_files
+
+    files = corpus_files(corpus)
+    if files is not None:
+        import pyarrow.parquet as pq
+
+        from operators.models import CACHE_DIR
+        from operators.sources import Sources, mirror_from
+
+        sources = Sources(mirror_from(mirror), str(CACHE_DIR), storage)
         texts: list[str] = []
+        for f in files:
+            lines = pq.read_table(sources.path(f, f"whitening.corpus {corpus}"), columns=["text"]).column("text").to_pylist()
+            texts += split_text((line or "" for line in lines), split, limit - len(texts))
+            if len(texts) >= limit:
+                break
+        return texts
+    if looks_like_path(corpus):
+        texts = []
         for shard in list_shards(corpus, "text", storage):
             fs, path = get_fs(shard.uri, storage)
             with fs.open(path, "rt", encoding="utf-8", errors="replace", compression=shard.compression) as f:
@@ -305,14 +324,4 @@ def read_fit_corpus(corpus: str, split: str, limit: int, storage) -> list[str]:
             if len(texts) >= limit:
                 break
         return texts
-    try:
-        import datasets
-
-        name, _, config = corpus.partition("/")
-        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
-        return split_text((row["text"] for row in ds), split, limit)
-    except Exception as e:
-        raise InputError(
-            f"whitening.corpus: cannot load the dataset {corpus!r} ({type(e).__name__}: {e}). Without a hub, "
-            "point it at raw text files instead, e.g. '../shared/data/wikitext-2/wiki.*.raw'"
-        ) from e
+    raise InputError(f"whitening.corpus: {corpus!r} is neither a named corpus ({', '.join(CORPUS_NAMES)}) nor an existing path, glob or URI")

@@ -46,6 +46,7 @@ import numpy as np
 import yaml
 
 from operators.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, _merge, _set_dotted, fingerprint, format_validation_error, read_config_tree
+from operators.eval_data import STS_SEVEN, canonical
 from operators.evaluation import (
     EmbeddingCache,
     PartWriter,
@@ -58,6 +59,7 @@ from operators.evaluation import (
     task_texts,
     text_key,
 )
+from operators.mteb_tasks import model_meta
 from operators.pooling import POOLING, Head
 from operators.postprocess import STEP_TYPES, ArtifactError, Fit, Moments, PostProcessor
 
@@ -187,7 +189,9 @@ def load_sweep(path: str | Path, sets: list[str] = (), output: str = "out/sweep"
         if label in labels:  # differs only where labels look away (eval, ray, ...): numbered
             label = f"{label} #{labels.count(label) + sum(lb.startswith(label + ' #') for lb in labels) + 1}"
         variants.append(Variant(label, overrides, cfg))
-    rank_by = spec.get("rank_by") or ("sts/avg" if len(selected_tasks(base_cfg)) >= 7 else selected_tasks(base_cfg)[0])
+    base_tasks = selected_tasks(base_cfg)
+    rank_by = spec.get("rank_by") or ("sts/avg" if set(STS_SEVEN) <= set(base_tasks) else base_tasks[0])
+    rank_by = rank_by if rank_by in ("sts/avg", "mean") else canonical(rank_by)
     sweep = Sweep(spec.get("name") or path.stem, base_cfg, variants, rank_by, fits_dir, tuple(axes))
     check_sweep(sweep)
     return sweep
@@ -200,8 +204,10 @@ def check_sweep(sweep: Sweep) -> None:
     task_list = selected_tasks(sweep.variants[0].cfg)
     if sweep.rank_by not in ("sts/avg", "mean") and sweep.rank_by not in task_list:
         raise ConfigError(f"sweep: rank_by {sweep.rank_by} is not among eval.tasks ({', '.join(task_list)})")
-    if sweep.rank_by == "sts/avg" and not {f"sts/{t}" for t in ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")} <= set(task_list):
+    if sweep.rank_by == "sts/avg" and not set(STS_SEVEN) <= set(task_list):
         raise ConfigError("sweep: rank_by sts/avg needs the seven STS tasks in eval.tasks")
+    if sweep.variants[0].cfg.eval.query_instruction is not None:
+        raise ConfigError("sweep: eval.query_instruction is not supported in sweeps (one pass embeds queries and documents alike)")
     for v in sweep.variants:
         check_held_out(v.cfg)
         if fitted(v.cfg) and not v.cfg.whitening.corpus:
@@ -413,7 +419,7 @@ def run_sweep(sweep: Sweep, prepare_fn, embed_fn_for, output: str, log=None) -> 
         t0 = time.time()
         w = g.variants[0].cfg.whitening
         fitting = [v for v in g.variants if fitted(v.cfg)]
-        fit_texts = read_fit_corpus(w.corpus, w.split, w.max_sentences, w.storage) if fitting else []
+        fit_texts = read_fit_corpus(w.corpus, w.split, w.max_sentences, w.storage, cfg0.eval.mirror) if fitting else []
         if fitting and len(fit_texts) <= prepared.resolved.dimension:
             raise ConfigError(f"whitening.corpus: {len(fit_texts)} texts from {w.corpus}, fewer than the {prepared.resolved.dimension} dimensions")
         vectors, moments = group_pass(g, prepared, embed_fn_for(g.cfg, prepared), texts, fit_texts,
@@ -436,7 +442,7 @@ def run_sweep(sweep: Sweep, prepare_fn, embed_fn_for, output: str, log=None) -> 
                 x = np.stack([vectors[text_key(t)][h * d:(h + 1) * d] for t in batch])
                 return post(x) if post is not None else x
 
-            results = score(v.cfg, data, vec)
+            results = score(v.cfg, data, vec, posixpath.join(output, "mteb"), model_meta(v.cfg.model.name, fingerprint(v.cfg.model_dump(mode="json")), d))
             runs.append({"name": v.label, "overrides": v.overrides, **results,
                          "dimension": int(vec(texts[:1]).shape[1]), "group": g.key})
         passes.append({"group": g.key, "heads": len(g.heads), "variants": len(g.variants), "texts": len(texts),
@@ -458,7 +464,7 @@ def rank_score(run: dict, rank_by: str) -> float:
     every task's headline score, STS years counted once each)."""
     if rank_by == "mean":
         return float(np.mean([v for k, v in rows_for(run).items() if k != "STS avg"]))
-    return float(run["sts"]["avg"]) if rank_by == "sts/avg" else float(task_score(run, rank_by))
+    return float(task_score(run, rank_by))
 
 
 # -- reports --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def check_fit_destination(cfg: PipelineConfig) -> None:
     w = cfg.whitening
     if not w.corpus or not w.artifact:
         raise ConfigError("whitening.corpus and whitening.artifact must both be set, e.g. "
-                          "--set 'whitening.corpus=../shared/data/wikitext-2/wiki.*.raw' --set whitening.artifact=out/white")
+                          "--set whitening.corpus=wikitext-2 --set whitening.artifact=out/white")
     fs, path = get_fs(w.artifact, w.storage)
     parent = path.rsplit("/", 1)[0] if "/" in path else "."
     fs.makedirs(parent, exist_ok=True)
@@ -34,7 +34,7 @@ def check_fit_destination(cfg: PipelineConfig) -> None:
 def fit_texts(cfg: PipelineConfig, dimension: int) -> list[str]:
     """The fit corpus's sentences (or lines); InputError when there are too few for a covariance."""
     w = cfg.whitening
-    texts = read_fit_corpus(w.corpus, w.split, w.max_sentences, w.storage)
+    texts = read_fit_corpus(w.corpus, w.split, w.max_sentences, w.storage, cfg.eval.mirror)
     if len(texts) <= dimension:
         raise InputError(
             f"whitening.corpus: {len(texts)} texts from {w.corpus}, fewer than the {dimension} dimensions: "

@@ -22,6 +22,7 @@ from operators import cli
 from operators.bookkeeping import RunRecord, record_outputs
 from operators.config import PipelineConfig
 from operators.execution import embed, init_ray, ray_embed_fn, read_shards, tokenize, write_shards
+from operators.evaluation import query_side_for
 from operators.gate import check_gate_data, run_gate
 from operators.incremental import publish_version
 from operators.planning import list_input, plan_run
@@ -54,7 +55,7 @@ def run(cfg: PipelineConfig, noop: bool = False) -> RunRecord:
         entries = record_outputs(cfg, plan, outcome, record)  # deletions, manifest, counts; raises if incomplete
         if cfg.gate.tasks:
             with record.timed("gate_s"):
-                gate = run_gate(cfg, prepared, ray_embed_fn(cfg, prepared))
+                gate = run_gate(cfg, prepared, ray_embed_fn(cfg, prepared), query_side_for(cfg, prepare, ray_embed_fn))
             record.gate = gate.to_json()
             gate.require_passed()  # GateError: nothing published
         record.published, record.previous_version = publish_version(cfg, plan, record.run_id)

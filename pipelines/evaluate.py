@@ -1,14 +1,18 @@
-"""Score configurations on held-out benchmarks: STS, clustering, classification.
+"""Score configurations on held-out benchmarks: MTEB's tasks by name (STS, classification,
+retrieval, ...) with mteb's own evaluators, and the clustering / SentEval tasks MTEB lacks.
 
     python pipelines/evaluate.py --config configs/models/all-minilm-l6-v2.yaml --output out/eval
     python pipelines/evaluate.py --config a.yaml --config b.yaml --set eval.tasks='[sts/stsb]' --output out/cmp
     python pipelines/evaluate.py --sweep configs/sweeps/minilm-layers-pooling.yaml --output out/sweep
 
-Per configuration: prepare -> load the tasks -> embed their unique texts on Ray through the corpus
+Every config's tasks are loaded first (from the Hub, GitHub, or the mirror in eval.mirror /
+CORPUS_EMBED_MIRROR, downloaded once into the cache): a bad name or a missing file fails before
+any work. Per configuration: prepare -> embed their unique texts on Ray through the corpus
 pipeline's own tokenize and embedding stages (extraction and post-processing included, so a score
 measures exactly what production writes) -> score; then the reports. Embeddings are cached per
 configuration fingerprint under OUTPUT/cache/, written as they arrive: re-scoring is cheap and a
-rerun after a crash resumes. Writes OUTPUT/results.json, OUTPUT/results.md and OUTPUT/results.png.
+rerun after a crash resumes. Writes OUTPUT/results.json, OUTPUT/results.md, OUTPUT/results.png,
+and MTEB's own result files under OUTPUT/mteb/results/<model>/<config fingerprint>/<Task>.json.
 
 --sweep FILE: a base config and what to vary (operators/sweep.py). Variants that share a model and
 its input text share one forward pass, pooled by every head they need on the actors; whitening and
@@ -29,7 +33,15 @@ if __package__ in (None, ""):
 
 from operators import cli
 from operators.config import load_config
-from operators.evaluation import check_held_out, evaluate, results_markdown, selected_tasks, write_reports
+from operators.evaluation import (
+    check_held_out,
+    evaluate,
+    load_tasks,
+    query_side_for,
+    results_markdown,
+    selected_tasks,
+    write_reports,
+)
 from operators.execution import ray_embed_fn
 from operators.prepare import prepare
 from operators.sweep import describe, load_sweep, run_sweep, sweep_markdown
@@ -56,13 +68,15 @@ def run(cfgs: list, args: argparse.Namespace) -> dict:
         sweep = load_sweep(args.sweep, args.set, args.output)  # every variant validated before any work
         return run_sweep(sweep, lambda cfg: prepare(cfg, postprocess=False), ray_embed_fn, args.output, logger.info)
     names = run_names(cfgs, args)
-    for cfg in cfgs:  # every config's tasks and held-out rule checked before any embedding
-        selected_tasks(cfg)
+    data = []
+    for cfg in cfgs:  # every config's tasks, their data and the held-out rule checked before any embedding
         check_held_out(cfg)
+        data.append(load_tasks(cfg, selected_tasks(cfg)))
     runs = []
-    for cfg, name, path in zip(cfgs, names, args.config or [None]):
+    for cfg, name, path, tasks in zip(cfgs, names, args.config or [None], data):
         prepared = prepare(cfg)
-        runs.append(evaluate(cfg, prepared, ray_embed_fn(cfg, prepared), posixpath.join(args.output, "cache"), name, path, logger.info))
+        runs.append(evaluate(cfg, prepared, ray_embed_fn(cfg, prepared), posixpath.join(args.output, "cache"), name, path,
+                             logger.info, tasks, query_side_for(cfg, prepare, ray_embed_fn), posixpath.join(args.output, "mteb")))
     return write_reports(runs, args.output)
 
 

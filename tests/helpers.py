@@ -9,6 +9,7 @@ import http.client
 import io
 import json
 import lzma
+import os
 import random
 import socket
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -32,7 +34,13 @@ from operators.tokenize import EmbedSpec
 REPO = Path(__file__).resolve().parents[1]
 
 
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The benchmark data: a mirror of the sources (operators/sources.py), from the setting users have.
+# Unset, the tests that need real benchmark data skip, naming it; .ci/run sets it to ../shared/data.
+MIRROR = Path(os.environ["CORPUS_EMBED_MIRROR"]) if os.environ.get("CORPUS_EMBED_MIRROR") else None
+needs_mirror = pytest.mark.skipif(
+    MIRROR is None, reason="needs the benchmark data: set CORPUS_EMBED_MIRROR (or eval.mirror) to a mirror of the "
+    "sources, e.g. ../shared/data or one filled by pipelines/fill_mirror.py")
+WIKI_VALID = "wikitext-2-raw-v1/validation"  # the named fit corpus, read through the mirror
 
 
 def free_port() -> int:
@@ -426,18 +434,41 @@ def commit_in_process(cfg, prepared, plan):
 
 
 def make_bench(root):
-    """A tiny benchmark folder in shared/data's layout."""
+    """A tiny mirror in the sources' layout (hf/datasets/<repo>/<file>, senteval/...), with the
+    MIRROR.json pipelines/fill_mirror.py writes: STSBenchmark and STS13 (20 pairs), SciFact (12
+    documents, 4 queries), Banking77 (30 texts), SentEval MR and TREC."""
+    from operators.eval_data import SENTEVAL_FILES
+    from operators.sources import MANIFEST, sha256_of
+
     s = sample_sentences(120)
-    (root / "sts" / "raw").mkdir(parents=True)
     rng = np.random.default_rng(1)
-    pairs = "".join(f"{rng.uniform(0, 5):.2f}\t{s[i]}\t{s[i + 1]}\n" for i in range(0, 40, 2))
-    for name in ("stsb.test", "sts13.FNWN", "sts13.headlines", "sts13.OnWN"):
-        (root / "sts" / "raw" / f"{name}.tsv").write_text("score\tsentence1\tsentence2\n" + pairs)
-    (root / "clf").mkdir()
-    (root / "clf" / "mr.tsv").write_text("label\ttext\n" + "".join(f"{i % 2}\t{t}\n" for i, t in enumerate(s[:60])))
-    (root / "clf" / "banking77.test.tsv").write_text("label\ttext\n" + "".join(f"c{i % 3}\t{t}\n" for i, t in enumerate(s[60:90])))
-    (root / "clf" / "trec.train.tsv").write_text("coarse_label\tfine_label\ttext\n" + "".join(f"A{i % 2}\tx\t{t}\n" for i, t in enumerate(s[:40])))
-    (root / "clf" / "trec.test.tsv").write_text("coarse_label\tfine_label\ttext\n" + "".join(f"A{i % 2}\tx\t{t}\n" for i, t in enumerate(s[40:60])))
+    files = {}
+
+    def put(rel, data: bytes, repo="x", revision="r"):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        files[rel] = {"repo": repo, "revision": revision, "sha256": sha256_of(str(path))}
+
+    pairs = "".join(json.dumps({"sentence1": s[i], "sentence2": s[i + 1], "score": round(float(rng.uniform(0, 5)), 2)}) + "\n" for i in range(0, 40, 2))
+    put("hf/datasets/mteb/stsbenchmark-sts/test.jsonl.gz", gzip.compress(pairs.encode()), "mteb/stsbenchmark-sts", "b0fddb56ed78048fa8b90373c8a3cfc37b684831")
+    put("hf/datasets/mteb/sts13-sts/test.jsonl.gz", gzip.compress(pairs.encode()), "mteb/sts13-sts", "7e90230a92c190f1bf69ae9002b8cea547a64cca")
+    docs = [{"_id": str(100 + i), "title": f"Title {i}", "text": s[40 + i]} for i in range(12)]
+    queries = [{"_id": str(q), "text": s[60 + q]} for q in range(4)]
+    qrels = "query-id\tcorpus-id\tscore\r\n" + "".join(f"{q}\t{100 + 3 * q}\t1\r\n" for q in range(4))
+    scifact = ("mteb/scifact", "d56462d0e63a25450459c4f213e49ffdb866f7f9")
+    put("hf/datasets/mteb/scifact/corpus.jsonl", "".join(json.dumps(d) + "\n" for d in docs).encode(), *scifact)
+    put("hf/datasets/mteb/scifact/queries.jsonl", "".join(json.dumps(q) + "\n" for q in queries).encode(), *scifact)
+    put("hf/datasets/mteb/scifact/qrels/test.tsv", qrels.encode(), *scifact)
+    banking = "".join(json.dumps({"text": t, "label": i % 3, "label_text": f"c{i % 3}"}) + "\n" for i, t in enumerate(s[60:90]))
+    put("hf/datasets/mteb/banking77/test.jsonl", banking.encode(), "mteb/banking77", "0fd18e25b25c072e09e0d92ab615fda904d66300")
+    pos, neg = SENTEVAL_FILES["mr"]
+    put(pos.in_mirror, "".join(t + "\n" for t in s[:30]).encode(), pos.repo, pos.revision)
+    put(neg.in_mirror, "".join(t + "\n" for t in s[30:60]).encode(), neg.repo, neg.revision)
+    train, test = SENTEVAL_FILES["trec"]
+    put(train.in_mirror, "".join(f"A{i % 2}:x {t}\n" for i, t in enumerate(s[:40])).encode(), train.repo, train.revision)
+    put(test.in_mirror, "".join(f"A{i % 2}:x {t}\n" for i, t in enumerate(s[40:60])).encode(), test.repo, test.revision)
+    (root / MANIFEST).write_text(json.dumps({"files": files}))
     return root
 
 
