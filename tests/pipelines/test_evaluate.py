@@ -1,5 +1,6 @@
-"""The evaluation stage: metrics against sklearn/scipy, a tiny benchmark folder end to end on
-local Ray (cache, resume, reports), error messages, and the real MiniLM on STS-B."""
+"""The evaluation stage: a tiny mirror end to end on local Ray (MTEB's tasks and ours, cache,
+reports, MTEB's result files), errors before any work, and the real MiniLM on the real data
+(through the mirror) against MTEB's leaderboard and sentence-transformers + mteb."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipelines import embed_corpus, evaluate
-from tests.helpers import REPO, SHARED_DATA, make_bench, read_vectors
+import pytest
 
-TASKS = "eval.tasks=[sts/stsb, sts/sts13, clustering/banking77, classification/mr, classification/trec]"
+from tests.helpers import MIRROR, REPO, fit_corpus, make_bench, needs_mirror, read_vectors
+
+TASKS = "eval.tasks=[sts/stsb, STS13, SciFact, clustering/banking77, classification/mr, classification/trec]"
 
 
 def test_two_configs_end_to_end_on_ray(ray_local, tmp_path, tiny_bert, capsys):
@@ -25,44 +28,74 @@ def test_two_configs_end_to_end_on_ray(ray_local, tmp_path, tiny_bert, capsys):
         p.write_text(f"extends: {REPO / 'configs' / 'default.yaml'}\nextraction: {{pooling: {pooling}}}\n")
         cfgs += ["--config", str(p)]
     out = tmp_path / "cmp"
-    sets = ["--set", f"model.name={tiny_bert}", "--set", f"eval.data_dir={bench}", "--set", TASKS, "--set", "eval.folds=3"]
+    sets = ["--set", f"model.name={tiny_bert}", "--set", f"eval.mirror={bench}", "--set", TASKS, "--set", "eval.folds=3"]
     assert evaluate.main([*cfgs, *sets, "--output", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["comparison"]] == ["mean", "cls"]
     mean, cls = results["comparison"]
-    assert mean["sts"]["stsb"]["spearman"] != cls["sts"]["stsb"]["spearman"]
-    assert set(mean["sts"]) == {"stsb", "sts13"} and mean["sts"]["stsb"]["pairs"] == 20
-    assert set(mean["sts"]["sts13"]) >= {"all", "mean", "subsets"} and len(mean["sts"]["sts13"]["subsets"]) == 3
-    assert 0 <= mean["clustering"]["banking77"]["v_measure"] <= 100
-    assert mean["classification"]["mr"]["protocol"].startswith("SentEval: 3-fold CV")
-    assert mean["classification"]["trec"]["protocol"].startswith("SentEval: C tuned by 3-fold CV on the training split")
-    assert mean["model"]["name"] == tiny_bert and mean["timings"]["texts"] > 0
+    assert mean["tasks"]["STSBenchmark"]["score"] != cls["tasks"]["STSBenchmark"]["score"]
+    assert list(mean["tasks"]) == ["STSBenchmark", "STS13", "SciFact", "clustering/banking77", "classification/mr", "classification/trec"]
+    assert 0 <= mean["tasks"]["SciFact"]["score"] <= 100 and mean["tasks"]["SciFact"]["metric"] == "ndcg_at_10"
+    assert 0 <= mean["tasks"]["clustering/banking77"]["score"] <= 100
+    assert mean["tasks"]["classification/mr"]["protocol"].startswith("SentEval: 3-fold CV")
+    assert mean["tasks"]["classification/trec"]["protocol"].startswith("SentEval: C tuned by 3-fold CV on the training split")
+    assert mean["model"]["name"] == tiny_bert and mean["timings"]["texts"] > 0 and mean["timings"]["embedded_on_demand"] == 0
     md = (out / "results.md").read_text()
-    assert "| task | mean | cls |" in md and "| STS stsb |" in md and md in capsys.readouterr().out
+    assert "| task | mean | cls |" in md and "| STSBenchmark |" in md and md in capsys.readouterr().out
+    for r in results["comparison"]:  # MTEB's own result files, one folder per configuration
+        for task in ("STSBenchmark", "STS13", "SciFact"):
+            saved = json.loads(open(r["tasks"][task]["mteb_result"]).read())
+            assert saved["task_name"] == task and saved["scores"]["test"][0]["main_score"] * 100 == pytest.approx(r["tasks"][task]["score"], abs=1e-3)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     for r in results["comparison"]:
         parts = list((out / "cache" / r["config_fingerprint"]).glob("part-*.parquet"))
         assert parts and sum(len(pq.read_table(p)) for p in parts) == r["timings"]["texts"]
 
 
-def test_missing_benchmarks_exit_2_naming_the_file(tmp_path, capsys):
-    assert evaluate.main(["--set", f"eval.data_dir={tmp_path}", "--set", "eval.tasks=[sts/stsb]", "--output", str(tmp_path / "o")]) == 2
-    assert "stsb.test.tsv: benchmark file not found" in capsys.readouterr().err
+def test_bad_names_and_missing_data_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("operators.prepare.prepare", lambda *a, **k: pytest.fail("work started"))
+    assert evaluate.main(["--set", f"eval.mirror={tmp_path}", "--set", "eval.tasks=[STSBenchmark, SciFakt]", "--output", str(tmp_path / "o")]) == 2
+    assert "unknown task SciFakt (did you mean SciFact" in capsys.readouterr().err
+    assert evaluate.main(["--set", f"eval.mirror={tmp_path}", "--set", "eval.tasks=[sts/stsb]", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "STSBenchmark: none of test.jsonl.gz" in err and f"the mirror {tmp_path} (eval.mirror (or CORPUS_EMBED_MIRROR))" in err
 
 
 def test_benchmarks_never_feed_a_fitted_step(tmp_path, capsys):
-    args = ["--set", f"whitening.corpus={SHARED_DATA}/sts/raw/stsb.train.tsv", "--set", f"eval.data_dir={SHARED_DATA}",
+    bench = make_bench(tmp_path / "bench")
+    args = ["--set", f"whitening.corpus={bench}/hf/datasets/mteb/sts1?-sts/*", "--set", f"eval.mirror={bench}",
             "--set", "eval.tasks=[sts/stsb]", "--output", str(tmp_path)]
     assert evaluate.main(args) == 2
     assert "lies inside the benchmarks" in capsys.readouterr().err
 
 
+@needs_mirror
 def test_minilm_reproduces_the_mteb_stsb_score(ray_local, tmp_path):
-    """all-MiniLM-L6-v2, mean pooling, raw STS-B test: MTEB's leaderboard gives 82.03."""
+    """all-MiniLM-L6-v2, mean pooling, STS-B test from MTEB's data through the mirror: MTEB's leaderboard gives 82.03."""
     out = tmp_path / "minilm"
-    assert evaluate.main(["--set", f"eval.data_dir={SHARED_DATA}", "--set", "eval.tasks=[sts/stsb]", "--output", str(out)]) == 0
-    score = json.loads((out / "results.json").read_text())["sts"]["stsb"]["spearman"]
+    assert evaluate.main(["--set", f"eval.mirror={MIRROR}", "--set", "eval.tasks=[STSBenchmark]", "--output", str(out)]) == 0
+    score = json.loads((out / "results.json").read_text())["tasks"]["STSBenchmark"]["score"]
     assert abs(score - 82.03) <= 0.1, score
+
+
+@needs_mirror
+@pytest.mark.slow
+def test_minilm_on_scifact_reproduces_sentence_transformers_and_mteb(ray_local, tmp_path, minilm_path):
+    """SciFact's 5,183 documents through the corpus pipeline on Ray, nDCG@10 by mteb's evaluator,
+    against sentence-transformers' encode scored by mteb on the same data (about 6 minutes)."""
+    import mteb
+    from sentence_transformers import SentenceTransformer
+
+    from operators.mteb_tasks import load_mteb_task
+    from operators.sources import Sources
+
+    out = tmp_path / "scifact"
+    assert evaluate.main(["--set", f"eval.mirror={MIRROR}", "--set", "eval.tasks=[SciFact]", "--output", str(out)]) == 0
+    ours = json.loads((out / "results.json").read_text())["tasks"]["SciFact"]["score"]
+    task = load_mteb_task("SciFact", Sources(str(MIRROR), str(tmp_path / "c")))
+    st = SentenceTransformer(minilm_path, device="cpu")
+    want = mteb.evaluate(st, task, cache=None, co2_tracker=False, show_progress_bar=False).task_results[0].get_score() * 100
+    assert abs(ours - want) <= 0.1, (ours, want)
 
 
 def test_a_sweep_on_ray_and_its_best_config_runs_as_is(ray_local, tmp_path, tiny_bert, capsys):
@@ -72,9 +105,9 @@ def test_a_sweep_on_ray_and_its_best_config_runs_as_is(ray_local, tmp_path, tiny
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({
         "base": str(REPO / "configs" / "default.yaml"),
-        "set": {"model.name": tiny_bert, "eval.data_dir": str(bench), "eval.tasks": ["sts/stsb", "sts/sts13"],
-                "whitening.corpus": str(SHARED_DATA / "wikitext-2" / "wiki.valid.raw"), "whitening.max_sentences": 100},
-        "rank_by": "sts/sts13",
+        "set": {"model.name": tiny_bert, "eval.mirror": str(bench), "eval.tasks": ["sts/stsb", "SciFact"],
+                "whitening.corpus": fit_corpus(tmp_path / "fit"), "whitening.max_sentences": 100},
+        "rank_by": "SciFact",
         "axes": {"extraction.layers": [[-1], [0]], "postprocess": [[], ["whiten"], [{"remove_top_pcs": 1}]]},
     }))
     out = tmp_path / "sweep-out"
@@ -99,7 +132,7 @@ def test_a_sweep_on_ray_and_its_best_config_runs_as_is(ray_local, tmp_path, tiny
 
 def test_a_set_run_is_labelled_by_what_it_changes(ray_local, tmp_path, tiny_bert):
     out = tmp_path / "o"
-    sets = ["--set", f"model.name={tiny_bert}", "--set", f"eval.data_dir={make_bench(tmp_path / 'bench')}",
+    sets = ["--set", f"model.name={tiny_bert}", "--set", f"eval.mirror={make_bench(tmp_path / 'bench')}",
             "--set", "eval.tasks=[sts/stsb]", "--set", "extraction.layers=[0]"]
     assert evaluate.main([*sets, "--output", str(out)]) == 0
     name = json.loads((out / "results.json").read_text())["name"]
