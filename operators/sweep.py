@@ -6,9 +6,9 @@ A sweep file names a base config and what to vary:
     base: ../models/all-minilm-l6-v2.yaml        # a config path (relative to this file), a mapping
                                                   # (with `extends: path` if it builds on one); none: the default
     set:                                          # overrides for every variant
-      eval.tasks: [sts/stsb, sts/sickr]
-      whitening.corpus: ../shared/data/wikitext-2/wiki.valid.raw
-    rank_by: sts/stsb                             # a task id, sts/avg (the seven STS tasks), or mean (of all)
+      eval.tasks: [STSBenchmark, SICK-R, SciFact]
+      whitening.corpus: wikitext-2               # a named corpus, or a path / glob / URI of raw text
+    rank_by: SciFact                              # a task (MTEB's name or ours), sts/avg (the seven STS tasks), or mean (of all)
     axes:                                         # the cross product of these ...
       extraction.layers: [[-1], [1, -1], [0]]
       extraction.pooling: [mean, cls]

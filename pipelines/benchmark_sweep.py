@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", default=str(ROOT / "configs" / "sweeps" / "minilm-layers-pooling.yaml"))
     p.add_argument("--output", default="out/benchmark-sweep")
     p.add_argument("--no-separate", action="store_true", help="skip the baseline of one evaluation run per variant")
-    p.add_argument("--fit-corpus", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.raw"))
+    p.add_argument("--fit-corpus", default="wikitext-2", help="a named corpus (through eval.mirror / CORPUS_EMBED_MIRROR) or a path")
     p.add_argument("--fit-rows", type=int, default=5000)
     p.add_argument("--whiten-ks", default="256,128", help="the whitening dimensions of the fits' sweep (below the model's)")
     args = p.parse_args(argv)

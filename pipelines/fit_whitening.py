@@ -1,7 +1,6 @@
 """Fit whitening (and the other fitted post-processing) on a text corpus such as Wikitext.
 
-    python pipelines/fit_whitening.py --set 'whitening.corpus=../shared/data/wikitext-2/wiki.*.raw' \
-        --set whitening.artifact=out/white
+    python pipelines/fit_whitening.py --set whitening.corpus=wikitext-2 --set whitening.artifact=out/white
     python pipelines/embed_corpus.py --set whitening.artifact=out/white --set whitening.k=256
 
 prepare (raw extraction: post-processing off) -> read the corpus -> tokenize -> embed each batch

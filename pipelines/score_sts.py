@@ -1,10 +1,10 @@
 """Quick STS check: Spearman x 100 of one configuration on STS pair files.
 
     python pipelines/score_sts.py --config configs/models/smollm2-135m-prompteol.yaml \
-        --data ../shared/data/sts/raw/stsb.test.tsv
+        --data my_pairs.tsv
 
-A file is `score<TAB>sentence1<TAB>sentence2` with a header line (the layout of shared/data/sts),
-read by the evaluation stage's own reader. prepare -> per file: read the pairs -> embed the unique
+A file is `score<TAB>sentence1<TAB>sentence2` with a header line (any path or fsspec URI). For the
+benchmarks themselves, use pipelines/evaluate.py (MTEB's STS tasks by name). prepare -> per file: read the pairs -> embed the unique
 sentences in this process with the pipeline's own embedding operator (so the number measures
 exactly what the corpus pipeline writes) -> score.
 """

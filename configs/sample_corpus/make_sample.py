@@ -1,6 +1,6 @@
 """Rebuild the bundled sample corpus from WikiText-2 (raw, test split).
 
-    python configs/sample_corpus/make_sample.py ../shared/data/wikitext-2/wiki.test.raw
+    python configs/sample_corpus/make_sample.py PATH/TO/wikitext-2/wiki.test.raw
 
 Writes four shards of ~750 sentences: two JSONL, one gzipped JSONL, one plain text file.
 """

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from operators.config import InputConfig
+from operators.config import InputConfig, StorageConfig
 from operators.readers import SHARD_FAILED, is_data_error, read_shard
 from operators.storage import InputError, detect_format, list_shards
-from tests.helpers import AT_LEAST, BAD_JSONL, EXPECTED_REASONS, RECORDS, file_cases, write_jsonl
+from tests.helpers import AT_LEAST, BAD_JSONL, EXPECTED_REASONS, MIRROR, RECORDS, file_cases, needs_mirror, write_jsonl
 
 
 def read_all(shard, cfg) -> pa.Table:
@@ -190,3 +190,21 @@ def test_an_io_error_fails_the_shard_instead_of_rejecting_it(tmp_path):
 )
 def test_error_classes(error, data):
     assert is_data_error(error) is data
+
+
+@needs_mirror
+def test_the_named_wikitext_corpus_reads_as_the_raw_files(tmp_path):
+    """whitening.corpus: wikitext-2 (Salesforce/wikitext's Parquet through the mirror) gives the
+    sentences of the raw WikiText-2 validation file it was made from."""
+    from operators.readers import read_fit_corpus
+
+    named = read_fit_corpus("wikitext-2", "sentences", 5000, StorageConfig(), str(MIRROR))
+    raw = read_fit_corpus(str(MIRROR / "wikitext-2" / "wiki.valid.raw"), "sentences", 5000, StorageConfig())
+    assert len(named) == 5000 and named == raw
+
+
+def test_an_unknown_fit_corpus_names_the_named_ones():
+    from operators.readers import read_fit_corpus
+
+    with pytest.raises(InputError, match=r"'wikitext-9' is neither a named corpus \(wikitext-2, wikitext-103, wikitext-2-raw-v1/train"):
+        read_fit_corpus("wikitext-9", "sentences", 10, StorageConfig())

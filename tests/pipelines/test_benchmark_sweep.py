@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipelines import benchmark_sweep
-from tests.helpers import REPO, SHARED_DATA, make_bench
+from tests.helpers import REPO, fit_corpus, make_bench
 
 
 @pytest.mark.slow  # six Ray passes (~2 min on 2 cores); the sweep's own pass counting is tested in tests/operators/test_sweep.py
@@ -19,11 +19,11 @@ def test_the_benchmark_reports_each_run_and_embeds_the_fit_corpus_once(ray_local
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({
         "base": str(REPO / "configs" / "default.yaml"),
-        "set": {"model.name": tiny_bert, "eval.data_dir": str(bench), "eval.tasks": ["sts/stsb"]},
+        "set": {"model.name": tiny_bert, "eval.mirror": str(bench), "eval.tasks": ["sts/stsb"]},
         "axes": {"extraction.layers": [[-1], [0]]},
     }))
     out = tmp_path / "out"
-    corpus = str(SHARED_DATA / "wikitext-2" / "wiki.valid.raw")
+    corpus = fit_corpus(tmp_path / "fit")
     assert benchmark_sweep.main(["--sweep", str(sweep), "--output", str(out), "--fit-corpus", corpus, "--fit-rows", "64",
                                  "--whiten-ks", "16,8"]) == 0
     report = json.loads((out / "benchmark.json").read_text())

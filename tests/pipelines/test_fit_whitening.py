@@ -1,5 +1,6 @@
-"""Whitening end to end: fit through local Ray on the Wikitext files, compare with numpy on the
-same embeddings, apply in the corpus pipeline, refuse mismatched and corrupt artifacts."""
+"""Whitening end to end: fit through local Ray on a raw text file (Wikitext's stand-in; the named
+Wikitext corpus itself is read in tests/operators/test_readers.py), compare with numpy on the same
+embeddings, apply in the corpus pipeline, refuse mismatched and corrupt artifacts."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from operators.models import resolve_model
 from operators.postprocess import load_artifact
 from operators.readers import read_fit_corpus
 from pipelines import embed_corpus, fit_whitening
-from tests.helpers import SHARED_DATA, make_corpus, read_vectors
+from tests.helpers import REPO, make_corpus, read_vectors
 
-WIKI = str(SHARED_DATA / "wikitext-2" / "wiki.*.raw")
+WIKI = str(REPO / "configs" / "sample_corpus" / "part-003.txt")  # Wikipedia sentences, one a line
 N = 400
 
 
