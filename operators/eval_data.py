@@ -306,7 +306,7 @@ def first_present(sources: Sources, repo: str, revision: str, names: list[str], 
         if sources.exists(f):
             return f
     raise SourceError(f"{task}: none of {', '.join(names)} in {repo}@{revision[:12]} ({sources.where}); "
-                      f"fill the mirror with python pipelines/fill_mirror.py --tasks {task}")
+                      f"fill the mirror with python pipelines/fill_mirror.py --mirror MIRROR --set 'eval.tasks=[{task}]'")
 
 
 __all__ = ["SourceError", "EvalDataError", "Labelled", "Pairs"]
