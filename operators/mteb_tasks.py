@@ -178,14 +178,14 @@ class LookupEncoder:
 
 def model_meta(model_name: str, fingerprint: str, dimension: int | None):
     """An MTEB ModelMeta for a configuration: results go to <model>/<config fingerprint>/."""
-    from mteb.models.model_meta import ModelMeta
+    from mteb.models.model_meta import ModelMeta, ScoringFunction
 
     name = model_name.replace("package://", "package/").strip("/")
     if "/" not in name:
         name = f"corpus-embed/{name}"
     name = "/".join(name.split("/")[-2:])
     return ModelMeta.create_empty({"name": name, "revision": fingerprint, "embed_dim": dimension,
-                                   "similarity_fn_name": "cosine", "framework": ["PyTorch"]})
+                                   "similarity_fn_name": ScoringFunction.COSINE, "framework": ["PyTorch"]})
 
 
 def run_mteb(tasks: list, encoder: LookupEncoder, folder: str) -> dict[str, dict]:

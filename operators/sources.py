@@ -190,18 +190,15 @@ class Sources:
                     if size and done - shown >= max(size // 10, 4 * CHUNK):
                         shown = done
                         log.info("%s: %s %d%%", task, f.path, 100 * done // size)
-        except FileNotFoundError as e:
+        except Exception as e:
             tmp.unlink(missing_ok=True)
-            if not isinstance(e.__cause__ or e.__context__, (OSError, ConnectionError)) and "Connect" not in type(e.__cause__).__name__:
+            cause = e.__cause__ or e.__context__  # fsspec's HTTP filesystem reports a refused connection as FileNotFoundError
+            if isinstance(e, FileNotFoundError) and not isinstance(cause, OSError):
                 raise SourceError(f"{task}: {f.label} not found at {redact_text(uri)} ({self.where})") from e
+            why = cause if isinstance(e, FileNotFoundError) else e  # network, credentials, an unknown protocol
             raise SourceError(f"{task}: cannot read {f.label} from {self.where} at {redact_text(uri)}: "
-                              f"{type(e.__cause__).__name__}: {redact_text(str(e.__cause__))[:300]}. Without network access, set "
+                              f"{type(why).__name__}: {redact_text(str(why))[:300]}. Without network access, set "
                               f"{MIRROR_SETTING} to a mirror (python pipelines/fill_mirror.py fills one)") from e
-        except Exception as e:  # network, credentials, an unknown protocol: the source is unreachable
-            tmp.unlink(missing_ok=True)
-            raise SourceError(f"{task}: cannot read {f.label} from {self.where} at {redact_text(uri)}: "
-                              f"{type(e).__name__}: {redact_text(str(e))[:300]}. Without network access, set {MIRROR_SETTING} "
-                              "to a mirror (python pipelines/fill_mirror.py fills one)") from e
         digest = sha256_of(str(tmp))
         if want and digest != want:
             tmp.unlink(missing_ok=True)
