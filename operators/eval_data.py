@@ -20,6 +20,7 @@ import difflib
 import gzip
 import io
 import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -303,10 +304,11 @@ def first_present(sources: Sources, repo: str, revision: str, names: list[str], 
     """The first of `names` the source (or mirror) has; SourceError naming them all when none."""
     for name in names:
         f = hub_file(repo, revision, name)
-        if sources.exists(f):
+        if sources.exists(f, task):
             return f
-    raise SourceError(f"{task}: none of {', '.join(names)} in {repo}@{revision[:12]} ({sources.where}); "
-                      f"fill the mirror with python pipelines/fill_mirror.py --mirror MIRROR --set 'eval.tasks=[{task}]'")
+    offline = " HF_HUB_OFFLINE is set, so the Hub was not asked." if not sources.mirror and os.environ.get("HF_HUB_OFFLINE") else ""
+    raise SourceError(f"{task}: none of {', '.join(names)} in {repo}@{revision[:12]} ({sources.where}).{offline} "
+                      f"Fill a mirror with python pipelines/fill_mirror.py --mirror MIRROR --set 'eval.tasks=[{task}]'")
 
 
 __all__ = ["SourceError", "EvalDataError", "Labelled", "Pairs"]

@@ -207,16 +207,20 @@ class Sources:
         mark.write_text(digest + "\n")
         return str(dest)
 
-    def exists(self, f: SourceFile) -> bool:
-        """Whether the source (or the mirror) has the file, without reading it."""
+    def exists(self, f: SourceFile, task: str) -> bool:
+        """Whether the source (or the mirror) has the file, without reading it; SourceError when
+        the source cannot be reached."""
         uri = self.location(f)
         if is_local(uri):
             return os.path.isfile(local_path(uri))
         try:
             fs, path = fsspec.core.url_to_fs(uri, **self._options(uri))
             return fs.isfile(path)
-        except Exception:
+        except FileNotFoundError:
             return False
+        except Exception as e:
+            raise SourceError(f"{task}: cannot reach {self.where} for {f.label}: {type(e).__name__}: {redact_text(str(e))[:300]}. "
+                              f"Without network access, set {MIRROR_SETTING} to a mirror (python pipelines/fill_mirror.py fills one)") from e
 
 
 def fill_mirror(sources: Sources, dest: str, files: list[tuple[str, SourceFile]], storage: StorageConfig | None = None, log_fn=log.info) -> dict:

@@ -480,6 +480,15 @@ def make_bench(root):
     return root
 
 
+def make_pairs(path, n: int = 20):
+    """A pair file (score<TAB>sentence1<TAB>sentence2, header) of `n` real sentence pairs, random gold."""
+    s = sample_sentences(2 * n)
+    rng = np.random.default_rng(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("score\tsentence1\tsentence2\n" + "".join(f"{rng.uniform(0, 5):.2f}\t{s[2 * i]}\t{s[2 * i + 1]}\n" for i in range(n)))
+    return path
+
+
 def bag_of_words(dim: int = 64, batch: int = 16, calls: list | None = None):
     """A real, deterministic embedding function for evaluation tests without a model or Ray: the
     sum of per-word random vectors (seeded by the word). `calls` collects each call's text count."""

@@ -103,3 +103,15 @@ def test_fill_mirror_copies_checks_and_records(tmp_path):
     assert manifest == entries and manifest[STSB.in_mirror]["revision"] == STSB.revision
     assert manifest[mr[0].in_mirror]["source"] == mr[0].upstream
     assert Sources(str(dest), str(tmp_path / "c")).path(STSB, "STSBenchmark") == str(dest / STSB.in_mirror)
+
+
+def test_without_a_mirror_and_offline_the_error_says_so(tmp_path, monkeypatch):
+    """No mirror set, the Hub not asked (HF_HUB_OFFLINE, as in these tests): the error names the
+    upstream, the setting and the offline mode, before anything is embedded."""
+    from operators.eval_data import first_present
+
+    monkeypatch.delenv(MIRROR_ENV, raising=False)
+    src = Sources(mirror_from(None), str(tmp_path))
+    with pytest.raises(SourceError, match=r"STSBenchmark: none of test.jsonl.gz in mteb/stsbenchmark-sts@b0fddb56ed78 \(the upstream source "
+                       r"\(no eval.mirror \(or CORPUS_EMBED_MIRROR\) set\)\). HF_HUB_OFFLINE is set"):
+        first_present(src, STSB.repo, STSB.revision, ["test.jsonl.gz"], "STSBenchmark")

@@ -9,13 +9,13 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from pipelines.score_sts import main
-from tests.helpers import make_bench
+from tests.helpers import make_pairs
 
 
 def test_minilm_score_equals_sentence_transformers_encode(tmp_path, minilm_path, capsys):
     from sentence_transformers import SentenceTransformer
 
-    data = make_bench(tmp_path / "bench") / "sts" / "raw" / "stsb.test.tsv"
+    data = make_pairs(tmp_path / "pairs.tsv")
     assert main(["--data", str(data)]) == 0
     out = capsys.readouterr().out
     got = float(re.search(r"spearman x100 = (-?[\d.]+)", out).group(1))
