@@ -3,11 +3,14 @@ scores and reports. No Ray and no model here: `evaluate` takes the embedding fun
 
     embed_fn(keys, texts) -> iterable of (keys, vectors float32 [n, d]) batches, in any order
 
-`execution.embed_texts` is the one that runs the corpus pipeline's own embedding operator on Ray
+`execution.ray_embed_fn` is the one that runs the corpus pipeline's own embedding operator on Ray
 (what the evaluate pipeline and the quality gate use); any other (a model in this process, a
-test's numpy function) scores the same way. Each configuration's unique texts are embedded in one
-pass and cached per config fingerprint, a Parquet part written every `eval.chunk` vectors as they
-arrive: re-scoring is cheap, and a rerun after a crash embeds only what no part holds.
+test's numpy function) scores the same way. The tasks are loaded first (eval_data, mteb_tasks:
+from the sources or the mirror), so bad data fails before any work. Each configuration's unique
+texts (what every task will ask for, retrieval documents included) are embedded in one pass and
+cached per config fingerprint, a Parquet part written every `eval.chunk` vectors as they arrive:
+re-scoring is cheap, and a rerun after a crash embeds only what no part holds. MTEB's tasks are
+then scored by mteb over those vectors, ours by their reference protocols (metrics.py).
 """
 
 from __future__ import annotations

@@ -35,11 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # The benchmark data: a mirror of the sources (operators/sources.py), from the setting users have.
-# Unset, the tests that need real benchmark data skip, naming it; .ci/run sets it to ../shared/data.
+# Unset, the tests that need real benchmark data skip, naming it; .ci/run sets it where a mirror lies
+# beside the clone.
 MIRROR = Path(os.environ["CORPUS_EMBED_MIRROR"]) if os.environ.get("CORPUS_EMBED_MIRROR") else None
 needs_mirror = pytest.mark.skipif(
     MIRROR is None, reason="needs the benchmark data: set CORPUS_EMBED_MIRROR (or eval.mirror) to a mirror of the "
-    "sources, e.g. ../shared/data or one filled by pipelines/fill_mirror.py")
+    "sources (python pipelines/fill_mirror.py --mirror DIR fills one)")
 WIKI_VALID = "wikitext-2-raw-v1/validation"  # the named fit corpus, read through the mirror
 
 
