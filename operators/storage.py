@@ -60,10 +60,13 @@ def confined_path(root, rel: str):
     return target
 
 
-# userinfo in a URI (scheme://user:secret@host) and secrets spelt as query or connection-string fields
+# userinfo in a URI (scheme://user:secret@host) and secrets spelt as query or connection-string fields.
+# A field counts where a query, a connection string or a message spells one (after ?, &, ;, #, a space,
+# a quote, a comma or a bracket), never as a path segment: 'corpus/token=alpha/part-0.jsonl' is a
+# Hive-style partition, and redacting it would make two shards look like one.
 _URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?P<cred>[^/@\s?#]+)@")
 _SECRET_FIELDS = re.compile(
-    r"(?P<k>\b(?:AccountKey|SharedAccessKey|SharedAccessSignature|password|pwd|sig|se?cret|token|access_token|"
+    r"(?P<k>(?:^|(?<=[?&;#\s'\"(,\[{]))(?:AccountKey|SharedAccessKey|SharedAccessSignature|password|pwd|sig|se?cret|token|access_token|"
     r"X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|api[_-]?key)=)(?P<v>[^;&\s'\"]+)",
     re.I,
 )
@@ -260,6 +263,12 @@ def list_shards(uri: str, fmt: str, storage: StorageConfig) -> list[Shard]:
             continue
         _, comp = split_compression(posixpath.basename(p))
         shards.append(Shard(uri=full_uri(fs, p), rel=rel, format=shard_fmt, compression=comp, fingerprint=file_fingerprint(infos[p])))
+    shown: dict[str, Shard] = {}
+    for shard in shards:  # shards are keyed by the URI people see: two may never show as one
+        other = shown.setdefault(shard.public_uri, shard)
+        if other is not shard:
+            raise InputError(f"input: the shards {other.rel!r} and {shard.rel!r} both show as {shard.public_uri} once "
+                             "credentials are redacted; rename one (a path segment that looks like a secret field)")
     if not shards:
         raise InputError(
             f"input.uri: no input shards found at {uri} (format={fmt}). Expected files ending in "

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from operators.config import InputConfig, StorageConfig, load_config, redact, resolved_config_text
-from operators.storage import Shard, UnsafePathError, confined_path, list_shards, redact_text
+from operators.storage import InputError, Shard, UnsafePathError, confined_path, list_shards, redact_text
 from tests.helpers import write_jsonl
 
 
@@ -78,6 +78,21 @@ SECRETS = ["hunter2pass", "AKIAEXAMPLEKEYID", "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMP
 def test_redact_text_removes_every_spelling_of_a_credential(text):
     clean = redact_text(text)
     assert "***" in clean and not any(secret in clean for secret in SECRETS), clean
+
+
+def test_redaction_leaves_path_segments_and_shards_never_show_as_one(tmp_path):
+    """'token=alpha' as a folder is a Hive-style partition, not a credential; a query's token is."""
+    assert redact_text("s3://b/corpus/token=alpha/part-0.jsonl") == "s3://b/corpus/token=alpha/part-0.jsonl"
+    assert redact_text("https://h/x.jsonl?token=abc123&sig=zz") == "https://h/x.jsonl?token=***&sig=***"
+    for part in ("alpha", "beta"):
+        write_jsonl(tmp_path / "in" / f"token={part}" / "part-0.jsonl", [{"text": "x"}])
+    shards = list_shards(str(tmp_path / "in"), "auto", StorageConfig())
+    assert len({s.public_uri for s in shards}) == 2
+    write_jsonl(tmp_path / "in2" / "part-0.jsonl", [{"text": "x"}])
+    write_jsonl(tmp_path / "in2" / "part-0.jsonl?sig=abc", [{"text": "x"}])  # a name that redacts
+    write_jsonl(tmp_path / "in2" / "part-0.jsonl?sig=xyz", [{"text": "x"}])  # ... to the same as this one
+    with pytest.raises(InputError, match=r"both show as .*part-0.jsonl\?sig=\*\*\* once credentials are redacted"):
+        list_shards(str(tmp_path / "in2" / "*"), "jsonl", StorageConfig())
 
 
 def test_config_redaction_covers_option_spellings(tmp_path):

@@ -526,6 +526,19 @@ def test_an_output_that_turns_unwritable_mid_run_ends_in_a_message_and_a_local_r
 ROWS = 30
 
 
+def test_hive_style_folders_that_look_like_secret_fields_are_all_embedded(ray_local, tmp_path, tiny_bert):
+    """token=alpha/ and token=beta/ (Hive-style partitions): both shards embedded, 20 rows; the
+    redaction that once showed both as .../token=*** (and dropped beta's rows) leaves paths alone."""
+    corpus = tmp_path / "in"
+    for part in ("alpha", "beta"):
+        write_jsonl(corpus / f"token={part}" / "part-0.jsonl", [{"id": f"{part}-{i}", "text": f"{part} sentence {i}"} for i in range(10)])
+    cfg, _ = config(tmp_path, corpus, tmp_path / "out", tiny_bert)
+    summary = run(cfg)
+    assert summary.counts.rows_written == 20 and summary.counts.shards_new == 2
+    got = read_vectors(fsspec.filesystem("file"), str(tmp_path / "out"))
+    assert sorted(got) == sorted(f"{p}-{i}" for p in ("alpha", "beta") for i in range(10))
+
+
 def corpus_v1(root):
     texts = sample_sentences(4 * ROWS)
     shards = {k: [{"id": f"s{k}-{i}", "text": texts[k * ROWS + i]} for i in range(ROWS)] for k in range(4)}
