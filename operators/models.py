@@ -21,6 +21,14 @@ from operators.pooling import FAMILY_NAMES, POOLING, modes_for
 
 PACKAGE_SCHEME = "package://"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+# Besides the weights, what changes a model's vectors: its config, its tokenizer, and a
+# sentence-transformers folder's modules, pooling/Dense configs and prompts (found at any depth:
+# 1_Pooling/config.json, 2_Dense/config.json). Hashed into the model's identity.
+IDENTITY_FILES = frozenset({
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.model", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+})
 CACHE_DIR = Path(os.environ.get("CORPUS_EMBED_CACHE", Path.home() / ".cache" / "corpus-embed"))
 
 
@@ -126,6 +134,16 @@ def _sha256_files(folder: Path, files: list[Path] | None = None) -> str:
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
+    return h.hexdigest()
+
+
+def files_sha256(folder: Path) -> str:
+    """One hash of every identity file (IDENTITY_FILES) in the folder, by relative path and content:
+    an edit to config.json, tokenizer.json or modules.json with the weights unchanged changes it."""
+    h = hashlib.sha256()
+    for p in sorted(p for p in folder.rglob("*") if p.is_file() and p.name in IDENTITY_FILES):
+        h.update(str(p.relative_to(folder)).encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 
 
@@ -313,6 +331,7 @@ def resolve_model(cfg: ModelConfig, extraction: ExtractionConfig, storage: Stora
                 if len(ggufs) == 1:
                     gguf_file = ggufs[0]
             identity["weights_sha256"] = _sha256_files(folder) if gguf_file is None else _sha256_files_named(folder / gguf_file)
+            identity["files_sha256"] = files_sha256(folder)
             if gguf_file is None:
                 check_weights(folder)
         else:

@@ -73,3 +73,46 @@ def test_weights_that_cannot_load_are_refused_before_work(tiny_bert, tmp_path):
     torch.save({"weight": Payload()}, pickled / "pytorch_model.bin")
     with pytest.raises(models.ModelLoadError, match="does not load as plain tensors"):
         models.resolve_model(ModelConfig(name=str(pickled)), ExtractionConfig())
+
+
+def test_every_file_that_changes_the_vectors_is_in_the_identity(tiny_bert, tmp_path):
+    """config.json, tokenizer.json, modules.json and a pooling config edited with the weights
+    unchanged: a new identity, so a new config fingerprint (a nightly run re-embeds) and a new
+    engine export key; a README edit changes nothing."""
+    import json
+    import shutil
+
+    from operators.config import load_config
+    from operators.embed import EmbedSpec
+    from operators.engines import export_key
+    from operators.prepare import prepare
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    cfg = load_config(None, [f"model.name={folder}"])
+
+    def ids():
+        p = prepare(cfg)
+        spec = EmbedSpec(cfg.model.model_copy(update={"engine": "onnx"}), cfg.extraction, p.resolved)
+        return p.resolved.identity["files_sha256"], p.fingerprint, json.dumps(export_key(spec), sort_keys=True)
+
+    seen = [ids()]
+
+    def edit(name, change):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tree = json.loads(path.read_text()) if path.exists() else {}
+        change(tree)
+        path.write_text(json.dumps(tree))
+        seen.append(ids())
+
+    edit("config.json", lambda t: t.update(layer_norm_eps=1e-5))
+    edit("config.json", lambda t: t.update(hidden_act="gelu_new"))
+    edit("tokenizer.json", lambda t: t["normalizer"].update(lowercase=False) if t.get("normalizer") else t.update(added_tokens=[]))
+    (folder / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]))
+    seen.append(ids())
+    edit("1_Pooling/config.json", lambda t: t.update(pooling_mode_cls_token=True))
+    for before, after in zip(seen, seen[1:]):
+        assert all(a != b for a, b in zip(before, after)), "an edit left an identity unchanged"
+    (folder / "README.md").write_text("a note")
+    assert ids() == seen[-1]
