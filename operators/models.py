@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,7 +213,9 @@ def copy_to_local_cache(uri: str, storage: StorageConfig) -> Path:
         raise ModelLoadError(redact_text(f"model.name: cannot list {uri}: {type(e).__name__}: {e}")) from e
     if not infos:
         raise ModelLoadError(f"model.name: {uri} is empty or does not exist")
-    listing = {p[len(path.rstrip('/')) :].lstrip("/"): file_fingerprint(i) for p, i in infos.items()}
+    listing = {p[len(path.rstrip('/')) :].lstrip("/"): file_fingerprint(i) for p, i in infos.items()
+               if i.get("type") != "directory" and not p.endswith("/")}  # folder markers ('1_Pooling/', 0 bytes) are no files
+    listing = {rel: fp for rel, fp in listing.items() if rel}
     key = hashlib.sha256(json.dumps([uri, listing], sort_keys=True, default=str).encode()).hexdigest()[:16]
     dest = CACHE_DIR / "models" / key
     for rel in listing:  # keys choose names inside the copy, never a path outside it
@@ -232,22 +235,64 @@ def copy_to_local_cache(uri: str, storage: StorageConfig) -> Path:
 
 def build_once(dest: Path, build) -> Path:
     """`dest`, built by `build(folder)` into a scratch folder and moved into place by the first
-    process on this node that asks; the others wait on a file lock and reuse it. A build that died
-    half-way leaves no `.complete` mark and is redone."""
+    process on this node that asks; the others wait on a file lock and reuse it. The `.complete`
+    mark records every file's size, mtime and SHA-256; an entry is checked when used (a file whose
+    size or mtime moved is hashed) and rebuilt when damaged, incomplete (a builder that died: no
+    mark) or of an older layout. A dead builder's scratch folder is cleared."""
+    import shutil
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(str(dest) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (dest / ".complete").exists():
+        damage = cache_damage(dest)
+        if damage:
+            if dest.exists():
+                logging.getLogger("corpus_embed.cache").warning("%s: %s; rebuilding it", dest, damage)
+                shutil.rmtree(dest)
             tmp = Path(str(dest) + ".partial")
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             build(tmp)
-            (tmp / ".complete").write_text(str(dest))
+            (tmp / ".complete").write_text(json.dumps({"files": _cache_manifest(tmp)}))
             os.replace(tmp, dest)
     return dest
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_manifest(folder: Path) -> dict:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != ".complete":
+            st = p.stat()
+            out[str(p.relative_to(folder))] = [st.st_size, st.st_mtime_ns, _file_sha256(p)]
+    return out
+
+
+def cache_damage(dest: Path) -> str | None:
+    """Why a cache entry cannot be used as it is, or None when it is intact."""
+    mark = dest / ".complete"
+    if not mark.is_file():
+        return "no .complete mark (a build that did not finish)" if dest.exists() else "not built"
+    try:
+        files = json.loads(mark.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return "an older cache layout without checksums"
+    for rel, (size, mtime, sha) in files.items():
+        p = dest / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        st = p.stat()
+        if (st.st_size, st.st_mtime_ns) != (size, mtime) and (st.st_size != size or _file_sha256(p) != sha):
+            return f"{rel} is damaged ({st.st_size} bytes, built with {size})"
+    return None
 
 
 @functools.lru_cache(maxsize=8)

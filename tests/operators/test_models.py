@@ -116,3 +116,48 @@ def test_every_file_that_changes_the_vectors_is_in_the_identity(tiny_bert, tmp_p
         assert all(a != b for a, b in zip(before, after)), "an edit left an identity unchanged"
     (folder / "README.md").write_text("a note")
     assert ids() == seen[-1]
+
+
+def test_caches_heal_themselves(tmp_path, caplog):
+    """A folder left without its .complete mark (a dead builder), a file cut short after the build
+    (an interrupted export), a dead builder's scratch folder: rebuilt, never an error forever."""
+    calls = []
+
+    def build(folder):
+        calls.append(folder)
+        (folder / "model.onnx").write_bytes(b"x" * 1000)
+        (folder / "sub").mkdir()
+        (folder / "sub" / "config.json").write_text("{}")
+
+    dest = tmp_path / "engines" / "onnx-abc"
+    dest.mkdir(parents=True)
+    (dest / "model.onnx").write_bytes(b"half")  # an export that died before its mark
+    (tmp_path / "engines" / "onnx-abc.partial").mkdir()  # and its builder's scratch
+    models.build_once(dest, build)
+    assert len(calls) == 1 and (dest / "model.onnx").stat().st_size == 1000
+    assert not (tmp_path / "engines" / "onnx-abc.partial").exists()
+    models.build_once(dest, build)
+    assert len(calls) == 1  # intact: reused
+    with open(dest / "model.onnx", "r+b") as f:  # cut short after the build
+        f.truncate(10)
+    caplog.set_level("WARNING")
+    models.build_once(dest, build)
+    assert len(calls) == 2 and (dest / "model.onnx").stat().st_size == 1000 and "model.onnx is damaged" in caplog.text
+    (dest / ".complete").write_text(str(dest))  # the layout before checksums: rebuilt once
+    models.build_once(dest, build)
+    assert len(calls) == 3 and models.cache_damage(dest) is None
+
+
+def test_s3_folder_marker_objects_are_not_files(s3_bucket, tiny_bert, tmp_path, monkeypatch):
+    """A zero-byte 'folder/' key (as S3 consoles write) in a model folder on S3 is no file to copy."""
+    import boto3
+
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")
+    fs = fsspec.filesystem("s3")
+    for p in Path(tiny_bert).iterdir():
+        fs.put_file(str(p), f"{s3_bucket}/m/{p.name}")
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="m/1_Pooling/", Body=b"")
+    s3.put_object(Bucket=s3_bucket, Key="m/1_Pooling/config.json", Body=b'{"pooling_mode_mean_tokens": true}')
+    folder = models.copy_to_local_cache(f"s3://{s3_bucket}/m", models.StorageConfig())
+    assert (folder / "1_Pooling" / "config.json").is_file() and (folder / "config.json").is_file()
