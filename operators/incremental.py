@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import time
 import uuid
@@ -26,7 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from operators.storage import PYTHON_FILE_READ, commit_file, write_text_atomic
+from operators.storage import PYTHON_FILE_READ, commit_file, redact_text, write_text_atomic
+
+logger = logging.getLogger("corpus_embed.incremental")
 
 CURRENT = "CURRENT.json"
 RUNS_DIR = "_runs"
@@ -219,11 +222,36 @@ def write_deletions(fs, out_dir: str, run_id: str, rows: list[dict]) -> str | No
 
 
 def read_current(fs, root: str) -> dict | None:
+    """CURRENT.json, or None when nothing was published. A pointer cut short or not JSON blocks
+    nothing: it is rebuilt from the newest run the run log records as published whose version
+    folder is there, with a warning (None when none is)."""
     path = posixpath.join(root, CURRENT)
     if not fs.exists(path):
         return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    try:
+        with fs.open(path, "r") as f:
+            current = json.load(f)
+        if isinstance(current, dict) and isinstance(current.get("version"), str):
+            return current
+        raise ValueError("no version named")
+    except (ValueError, UnicodeDecodeError) as e:
+        rebuilt = current_from_runs(fs, root)
+        logger.warning("%s is damaged (%s): %s", redact_text(path), e,
+                       f"rebuilt from the run log: {rebuilt['version']}" if rebuilt else "no published version to rebuild it from")
+        if rebuilt:
+            write_json(fs, path, rebuilt)
+        return rebuilt
+
+
+def current_from_runs(fs, root: str) -> dict | None:
+    """The CURRENT.json the newest published run whose version folder still exists would have written."""
+    last = None
+    for entry in read_run_log(fs, root):
+        version = entry.get("version")
+        if entry.get("published") and isinstance(version, str) and fs.exists(posixpath.join(root, version)):
+            last = {"version": version, "config_fingerprint": entry.get("config_fingerprint"), "run_id": entry.get("run_id"),
+                    "published_at": entry.get("finished_at") or entry.get("started_at"), "rebuilt": True}
+    return last
 
 
 def write_json(fs, path: str, value) -> None:

@@ -144,7 +144,9 @@ def plan_run(cfg: PipelineConfig, prepared, shards: list[Shard] | None = None) -
         logger.warning("%s: rebuilding the entries from the vector files' footers", redact_text(recorded.damaged))
     manifest = recorded.entries
     fs.invalidate_cache(out_dir)
-    present = {posixpath.basename(i["name"]): i for i in fs.ls(out_dir, detail=True)} if fs.exists(out_dir) else {}
+    listing = fs.ls(out_dir, detail=True) if fs.exists(out_dir) else []
+    # files only: a folder named like a vector file (spark_export.parquet/) is someone else's
+    present = {posixpath.basename(i["name"]): i for i in listing if i.get("type") != "directory"}
     todo, done, changed, damaged = [], {}, set(), []
     for shard in shards:
         entry = manifest.get(shard.rel)
@@ -177,7 +179,7 @@ def plan_run(cfg: PipelineConfig, prepared, shards: list[Shard] | None = None) -
     if input_root is None and (manifest or recorded.damaged or present):
         prunes = cfg.output.prune  # which root the output came from is unknown: delete nothing unasked
     wanted = {s.output_name for s in shards}
-    others = sorted(n for n in present if n.endswith(".parquet") and n not in wanted)
+    others = ours(fs, out_dir, sorted(n for n in present if n.endswith(".parquet") and n not in wanted), manifest)
     if others and not prunes:
         logger.warning(
             "input.uri %s is not the input root this output records (%s): the %d vector shards of other inputs "
@@ -187,6 +189,14 @@ def plan_run(cfg: PipelineConfig, prepared, shards: list[Shard] | None = None) -
         input_root = root
     return Plan(shards, todo, done, fp, out_uri, version, changed, others if prunes else [], input_root, prunes, damaged,
                 cfg.input.rows_per_block)
+
+
+def ours(fs, out_dir: str, names: list[str], manifest: dict) -> list[str]:
+    """Of the Parquet files `names` in the output folder, the vector shards this product wrote: those
+    the manifest records, or whose footer carries its provenance (a commit whose manifest update
+    was lost). Anything else (a user's customer_scores.parquet) is never deleted nor read as deletions."""
+    recorded = {e.get("output") for e in manifest.values()}
+    return [n for n in names if n in recorded or read_provenance(fs, posixpath.join(out_dir, n)) is not None]
 
 
 def output_intact(entry: dict, info: dict) -> bool:

@@ -660,6 +660,42 @@ def test_a_config_change_writes_a_new_version_that_the_gate_can_hold_back(ray_lo
     assert set(kept) == set(old) and all(np.array_equal(kept[i], old[i]) for i in old)
 
 
+def test_a_users_files_in_the_output_are_never_deleted_nor_read(ray_local, tmp_path, tiny_bert):
+    """A user's customer_scores.parquet and a spark_export.parquet/ folder in the output: runs go on,
+    the deletion of a shard the input lost leaves them alone and records none of their ids."""
+    import pyarrow as pa
+
+    corpus = tmp_path / "corpus"
+    corpus_v1(corpus)
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"id": ["customer-1", "customer-2"], "score": [0.5, 0.7]}), out / "customer_scores.parquet")
+    (out / "spark_export.parquet").mkdir()
+    pq.write_table(pa.table({"id": ["x"]}), out / "spark_export.parquet" / "part-0.parquet")
+    assert run(config(tmp_path, corpus, out, tiny_bert)[0]).counts.shards_new == 4
+    (corpus / "part-3.jsonl").unlink()
+    second = run(config(tmp_path, corpus, out, tiny_bert)[0])
+    assert second.counts.shards_deleted == 1 and second.counts.rows_deleted == ROWS
+    assert (out / "customer_scores.parquet").exists() and (out / "spark_export.parquet" / "part-0.parquet").exists()
+    deleted = pa.concat_tables([pq.read_table(p) for p in (out / "_deletions").glob("*.parquet")]).column("id").to_pylist()
+    assert sorted(deleted) == sorted(f"s3-{i}" for i in range(ROWS))
+
+
+def test_a_cut_current_pointer_is_rebuilt_from_the_run_log(ray_local, tmp_path, tiny_bert, caplog):
+    corpus = tmp_path / "corpus"
+    corpus_v1(corpus)
+    out = tmp_path / "out"
+    first = run(config(tmp_path, corpus, out, tiny_bert, "output.versioned=true")[0])
+    fs = fsspec.filesystem("file")
+    (out / "CURRENT.json").write_text('{"version": "v-')  # cut short
+    caplog.set_level("WARNING")
+    assert read_current(fs, str(out))["version"] == first.version
+    assert "CURRENT.json is damaged" in caplog.text and "rebuilt from the run log" in caplog.text
+    (out / "CURRENT.json").write_text("")
+    again = run(config(tmp_path, corpus, out, tiny_bert, "output.versioned=true", "extraction.pooling=cls")[0])
+    assert again.published and read_current(fs, str(out))["version"] == again.version != first.version
+
+
 def test_gate_and_sink_problems_fail_before_any_work(tmp_path, minilm_path, capsys):
     from pipelines.embed_corpus import main
 
