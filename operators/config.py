@@ -484,10 +484,27 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
+    remember_secrets(tree)  # before validation: its error messages quote values too
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, PipelineConfig)) from None
+
+
+def remember_secrets(tree: Any, key: str = "") -> None:
+    """Register with the redactor every credential the config spells (URI userinfo, the values of
+    secret-named keys), so an echo of it anywhere (a library's error quoting a bucket name cut at a
+    '/') is redacted too."""
+    from operators.storage import register_secrets
+
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            remember_secrets(v, str(k))
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            remember_secrets(v, key)
+    elif isinstance(tree, str):
+        register_secrets(tree, whole=is_secret_key(key))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from operators.config import ConfigError, ModelConfig
+from operators.config import ConfigError, ModelConfig, redact
 
 EXPORT_VERSION = 1  # bump when the exported graph changes: old exports are then rebuilt
 CALIBRATION_SPLIT = "sentences"
@@ -158,7 +158,7 @@ def prepared_folder(spec, load_torch_model: Callable, encoder) -> Path:
         # Decoders export with eager attention: under left padding a padded position attends to
         # nothing, which OpenVINO's fused attention turns into NaN that the next layer spreads.
         export(spec, load_torch_model("eager" if spec.resolved.family == "decoder" else None), encoder, tmp)
-        (tmp / "export.json").write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
+        (tmp / "export.json").write_text(json.dumps(redact(key), indent=2, sort_keys=True, default=str))
 
     return build_once(dest, build)
 

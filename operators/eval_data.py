@@ -20,7 +20,6 @@ import difflib
 import gzip
 import io
 import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -306,8 +305,7 @@ def first_present(sources: Sources, repo: str, revision: str, names: list[str], 
         f = hub_file(repo, revision, name)
         if sources.exists(f, task):
             return f
-    offline = " HF_HUB_OFFLINE is set, so the Hub was not asked." if not sources.mirror and os.environ.get("HF_HUB_OFFLINE") else ""
-    raise SourceError(f"{task}: none of {', '.join(names)} in {repo}@{revision[:12]} ({sources.where}).{offline} "
+    raise SourceError(f"{task}: none of {', '.join(names)} in {repo}@{revision[:12]} ({sources.where}). "
                       f"Fill a mirror with python pipelines/fill_mirror.py --mirror MIRROR --set 'eval.tasks=[{task}]'")
 
 

@@ -215,12 +215,16 @@ class Sources:
             return os.path.isfile(local_path(uri))
         try:
             fs, path = fsspec.core.url_to_fs(uri, **self._options(uri))
-            return fs.isfile(path)
-        except FileNotFoundError:
-            return False
+            return fs.info(path).get("type") != "directory"
         except Exception as e:
-            raise SourceError(f"{task}: cannot reach {self.where} for {f.label}: {type(e).__name__}: {redact_text(str(e))[:300]}. "
-                              f"Without network access, set {MIRROR_SETTING} to a mirror (python pipelines/fill_mirror.py fills one)") from e
+            cause = e.__cause__ or e.__context__  # fsspec's HTTP filesystem reports a refused connection as FileNotFoundError
+            if isinstance(e, FileNotFoundError) and not isinstance(cause, OSError):
+                return False
+            why = cause if isinstance(e, FileNotFoundError) else e
+            offline = " (HF_HUB_OFFLINE is set: the Hub is not asked)" if uri.startswith("hf://") and os.environ.get("HF_HUB_OFFLINE") else ""
+            raise SourceError(f"{task}: cannot reach {self.where} for {f.label}{offline}: {type(why).__name__}: "
+                              f"{redact_text(str(why))[:300]}. Without network access, set {MIRROR_SETTING} to a mirror "
+                              "(python pipelines/fill_mirror.py fills one)") from e
 
 
 def fill_mirror(sources: Sources, dest: str, files: list[tuple[str, SourceFile]], storage: StorageConfig | None = None, log_fn=log.info) -> dict:

@@ -64,13 +64,29 @@ def confined_path(root, rel: str):
 # A field counts where a query, a connection string or a message spells one (after ?, &, ;, #, a space,
 # a quote, a comma or a bracket), never as a path segment: 'corpus/token=alpha/part-0.jsonl' is a
 # Hive-style partition, and redacting it would make two shards look like one.
-_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?P<cred>[^/@\s?#]+)@")
+# A password may hold '/' (AWS secret keys often do): 'user:' then anything up to the '@'.
+_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?P<cred>[^/@\s?#:'\"]*:[^@\s'\"]*|[^/@\s?#'\"]+)@")
+# The same userinfo echoed without its scheme (botocore: 'Invalid bucket name "KEY:SECRET@bucket"').
+_BARE_USERINFO = re.compile(r"(?<![\w/:.*-])(?P<cred>[A-Za-z0-9._~+-]{3,}:(?!//)[^\s@'\"]+)@(?=[\w.-])")
 _SECRET_FIELDS = re.compile(
     r"(?P<k>(?:^|(?<=[?&;#\s'\"(,\[{]))(?:AccountKey|SharedAccessKey|SharedAccessSignature|password|pwd|sig|se?cret|token|access_token|"
     r"X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|api[_-]?key)=)(?P<v>[^;&\s'\"]+)",
     re.I,
 )
 _BEARER = re.compile(r"(?P<k>\b(?:Bearer|Basic)\s+)(?P<v>[A-Za-z0-9._~+/=-]{8,})")
+
+
+_KNOWN_SECRETS: set[str] = set()
+
+
+def register_secrets(value: str, whole: bool = False) -> None:
+    """Remember the credentials in `value` (the userinfo of any URI in it; all of it with `whole`,
+    a secret-named option's value) and their ':'/'/'-separated pieces of 4+ characters:
+    redact_text removes them wherever they appear, however a library echoes them."""
+    creds = [m.group("cred") for m in _URI_USERINFO.finditer(value)] + ([value] if whole and len(value) >= 4 else [])
+    for cred in creds:
+        _KNOWN_SECRETS.add(cred)
+        _KNOWN_SECRETS.update(p for p in re.split(r"[:/]", cred) if len(p) >= 4)
 
 
 def redact_text(text: str, *uris: str) -> str:
@@ -82,8 +98,13 @@ def redact_text(text: str, *uris: str) -> str:
         for m in _URI_USERINFO.finditer(uri):
             text = text.replace(m.group("cred"), "***")
     text = _URI_USERINFO.sub(r"\g<scheme>***@", text)
+    text = _BARE_USERINFO.sub("***@", text)
     text = _SECRET_FIELDS.sub(r"\g<k>***", text)
-    return _BEARER.sub(r"\g<k>***", text)
+    text = _BEARER.sub(r"\g<k>***", text)
+    for secret in sorted(_KNOWN_SECRETS, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 def glob_root(path: str) -> str | None:

@@ -45,7 +45,17 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from operators.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, _merge, _set_dotted, fingerprint, format_validation_error, read_config_tree
+from operators.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    PipelineConfig,
+    _merge,
+    _set_dotted,
+    fingerprint,
+    format_validation_error,
+    read_config_tree,
+    redact,
+)
 from operators.eval_data import STS_SEVEN, canonical
 from operators.evaluation import (
     EmbeddingCache,
@@ -62,6 +72,7 @@ from operators.evaluation import (
 from operators.mteb_tasks import model_meta
 from operators.pooling import POOLING, Head
 from operators.postprocess import STEP_TYPES, ArtifactError, Fit, Moments, PostProcessor
+from operators.storage import redact_text
 
 HEAD_FIELDS = ("pooling", "layers", "exclude_special_tokens", "normalize")
 SWEEP_KEYS = {"base", "set", "rank_by", "axes", "variants", "name"}
@@ -455,6 +466,7 @@ def run_sweep(sweep: Sweep, prepare_fn, embed_fn_for, output: str, log=None) -> 
         "sweep": sweep.name, "rank_by": sweep.rank_by, "variants": runs, "passes": passes,
         "base": "base" if any(r["name"] == "base" for r in runs) else None, "seconds": time.time() - t_start,
     }
+    result = redact(result)  # labels and overrides may spell a URI with credentials: never in a report
     write_sweep_reports(sweep, result, output)
     return result
 
@@ -493,7 +505,7 @@ def write_sweep_reports(sweep: Sweep, result: dict, output: str) -> None:
     if len(sweep.axes) >= 2:
         sweep_heatmap(result, sweep.axes[:2], out / "heatmap.png")
     best = result["variants"][0]
-    variant = next(v for v in sweep.variants if v.label == best["name"])
+    variant = next(v for v in sweep.variants if redact_text(v.label) == best["name"])
     write_best(variant, out / "best")
 
 
@@ -574,11 +586,13 @@ def write_best(variant: Variant, folder: Path) -> None:
     """The winning variant as a config the corpus pipeline runs as is, its whitening artifact
     copied beside it."""
     folder.mkdir(parents=True, exist_ok=True)
-    tree = variant.cfg.model_dump(mode="json")
+    tree = redact(variant.cfg.model_dump(mode="json"))  # credentials come from the environment, never from a file
     artifact = variant.cfg.whitening.artifact
     if artifact and Path(artifact).exists():
         dest = folder / "whitening.safetensors"
         shutil.copyfile(artifact, dest)
         tree["whitening"]["artifact"] = str(dest.resolve())
-    header = f"# the best variant of a sweep: {variant.label}\n# run it: python pipelines/embed_corpus.py --config {folder / 'config.yaml'}\n"
+    # the label and path as JSON strings: one comment line each, whatever they hold (a newline in a label injects nothing)
+    header = (f"# the best variant of a sweep: {json.dumps(redact_text(variant.label))}\n"
+              f"# run it: python pipelines/embed_corpus.py --config {json.dumps(str(folder / 'config.yaml'))}\n")
     (folder / "config.yaml").write_text(header + yaml.safe_dump(tree, sort_keys=False))

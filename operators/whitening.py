@@ -15,6 +15,7 @@ from operators.config import ConfigError, PipelineConfig, fingerprint
 from operators.postprocess import Fit, Moments, save_artifact
 from operators.provenance import extraction_identity
 from operators.readers import read_fit_corpus
+from operators.storage import redact_text
 from operators.storage import InputError, commit_file, get_fs
 
 logger = logging.getLogger("corpus_embed.fit_whitening")
@@ -57,7 +58,7 @@ def write_fit(cfg: PipelineConfig, prepared, total: Moments, texts: int, started
         "format": "corpus-embed/whitening@1",
         "extraction_fingerprint": fingerprint(identity),
         **identity,
-        "corpus": {"source": w.corpus, "split": w.split, "max_sentences": w.max_sentences},
+        "corpus": {"source": redact_text(w.corpus), "split": w.split, "max_sentences": w.max_sentences},
         "eigenvalues": {
             "max": float(lam[0]), "min": float(lam[-1]), "median": float(np.median(lam)),
             "below_floor": int((lam < w.eps * lam[0]).sum()), "floor_relative": w.eps,

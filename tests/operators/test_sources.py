@@ -112,6 +112,6 @@ def test_without_a_mirror_and_offline_the_error_says_so(tmp_path, monkeypatch):
 
     monkeypatch.delenv(MIRROR_ENV, raising=False)
     src = Sources(mirror_from(None), str(tmp_path))
-    with pytest.raises(SourceError, match=r"STSBenchmark: none of test.jsonl.gz in mteb/stsbenchmark-sts@b0fddb56ed78 \(the upstream source "
-                       r"\(no eval.mirror \(or CORPUS_EMBED_MIRROR\) set\)\). HF_HUB_OFFLINE is set"):
+    with pytest.raises(SourceError, match=r"STSBenchmark: cannot reach the upstream source \(no eval.mirror \(or CORPUS_EMBED_MIRROR\) set\) "
+                       r"for mteb/stsbenchmark-sts@b0fddb56ed78:test.jsonl.gz \(HF_HUB_OFFLINE is set: the Hub is not asked\)"):
         first_present(src, STSB.repo, STSB.revision, ["test.jsonl.gz"], "STSBenchmark")

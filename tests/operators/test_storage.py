@@ -60,7 +60,8 @@ def test_symlinked_folders_and_files_are_listed_and_fingerprinted_by_target(tmp_
     assert after != before and after["size"] == os.path.getsize(real / "a.jsonl")
 
 
-SECRETS = ["hunter2pass", "AKIAEXAMPLEKEYID", "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY", "c2FzLXNpZ25hdHVyZQ", "eyJhbGciOiJIUzI1NiJ9xyz"]
+SECRETS = ["hunter2pass", "AKIAEXAMPLEKEYID", "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY", "c2FzLXNpZ25hdHVyZQ", "eyJhbGciOiJIUzI1NiJ9xyz",
+           "wJalrXUtnFEMI/K7MDENGbPx"]
 
 
 @pytest.mark.parametrize(
@@ -73,6 +74,8 @@ SECRETS = ["hunter2pass", "AKIAEXAMPLEKEYID", "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMP
         "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAEXAMPLEKEYID&X-Amz-Signature=c2FzLXNpZ25hdHVyZQ",
         "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9xyz",
         "cannot read gs://user:hunter2pass@bucket/x: ClientError",
+        "s3://AKIAEXAMPLEKEYID:wJalrXUtnFEMI/K7MDENGbPx@bucket/corpus/",  # a '/' in the secret, as AWS keys have
+        'Invalid bucket name "AKIAEXAMPLEKEYID:wJalrXUtnFEMI/K7MDENGbPx@corpus": Bucket name must match',  # botocore's echo
     ],
 )
 def test_redact_text_removes_every_spelling_of_a_credential(text):

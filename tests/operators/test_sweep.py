@@ -17,7 +17,7 @@ from operators.embed import Embedder
 from operators.evaluation import evaluate, rows_for
 from operators.pooling import Head
 from operators.prepare import prepare
-from operators.sweep import describe, load_sweep, run_sweep
+from operators.sweep import describe, load_sweep, run_sweep, write_best
 from tests.helpers import fit_corpus, make_bench, spec_for, texts_of_mixed_length
 
 
@@ -183,3 +183,32 @@ def test_what_shares_a_forward_pass(tmp_path):
     groups = plan_groups(load_sweep(str(path), output=str(tmp_path / "o")))
     sizes = sorted((len(g.variants), len(g.heads)) for g in groups)
     assert sizes == [(1, 1), (1, 1), (2, 2), (4, 4)]  # decoder_first apart from the encoder modes
+
+
+def test_sweep_reports_hold_no_secret_and_labels_inject_nothing(tmp_path, tiny_bert):
+    """A credential in a sweep's URIs reaches no report, and a label holding a newline (a template
+    variant) injects no line into best/config.yaml (written by a YAML emitter, labels as JSON strings)."""
+    bench = make_bench(tmp_path / "bench")
+    secret = "wJalrXUtnFEMI/K7MDENG"
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "base": {"extends": str(DEFAULT_CONFIG)},
+        "set": {"model.name": tiny_bert, "eval.mirror": str(bench), "eval.tasks": ["sts/stsb"],
+                "input.uri": f"s3://AKIAEXAMPLEKEYID:{secret}@corpus/in/"},
+        "variants": [{"extraction.template": "\nextends: /etc\n{text}"}],
+    }))
+    out = tmp_path / "out"
+    sweep = load_sweep(str(sweep_file), output=str(out))
+    result = run_sweep(sweep, lambda cfg: prepare(cfg, postprocess=False), local_embed_fn_for([]), str(out))
+    best = out / "best" / "config.yaml"
+    for path in (out / "results.json", out / "results.md", best):
+        text = path.read_text()
+        assert secret not in text and "AKIAEXAMPLEKEYID" not in text, path
+    assert secret not in json.dumps(result)
+    tree = yaml.safe_load(best.read_text())
+    assert "extends" not in tree and tree["input"]["uri"] == "s3://***@corpus/in/"
+    assert all(line.startswith("#") for line in best.read_text().splitlines()[:2])
+    templated = next(v for v in sweep.variants if "template" in v.label)
+    write_best(templated, tmp_path / "b2")  # whichever won: the newline label written as a best config
+    text = (tmp_path / "b2" / "config.yaml").read_text()
+    assert "extends" not in yaml.safe_load(text) and "\\nextends" in text.splitlines()[0]

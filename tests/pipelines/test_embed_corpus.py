@@ -660,6 +660,24 @@ def test_a_config_change_writes_a_new_version_that_the_gate_can_hold_back(ray_lo
     assert set(kept) == set(old) and all(np.array_equal(kept[i], old[i]) for i in old)
 
 
+def test_a_secret_with_a_slash_in_any_uri_never_reaches_the_output(s3_endpoint, tmp_path, tiny_bert, capsys, caplog):
+    """s3://KEY:SEC/RET@bucket/... as input, model or output: botocore echoes the bucket name bare
+    ('Invalid bucket name "KEY:SEC/RET@corpus"'); neither stderr, stdout nor the log holds it."""
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCY"
+    corpus = make_corpus(tmp_path / "in", shards=1, rows=3)
+    uri = f"s3://AKIAEXAMPLEKEYID:{secret}@corpus/x/"
+    cases = [["--set", f"input.uri={uri}", "--set", f"output.uri={tmp_path / 'o1'}"],
+             ["--set", f"input.uri={corpus}", "--set", f"output.uri={uri}"],
+             ["--set", f"input.uri={corpus}", "--set", f"output.uri={tmp_path / 'o3'}", "--set", f"model.name={uri}"]]
+    caplog.set_level("INFO")
+    for args in cases:
+        assert main(["--set", f"model.name={tiny_bert}", *args]) == 2
+        printed = capsys.readouterr()
+        for text in (printed.err, printed.out, caplog.text):
+            assert secret not in text and "AKIAEXAMPLEKEYID" not in text and secret.split("/")[0] not in text
+        assert "***@corpus" in printed.err + printed.out + caplog.text
+
+
 def test_a_users_files_in_the_output_are_never_deleted_nor_read(ray_local, tmp_path, tiny_bert):
     """A user's customer_scores.parquet and a spark_export.parquet/ folder in the output: runs go on,
     the deletion of a shard the input lost leaves them alone and records none of their ids."""

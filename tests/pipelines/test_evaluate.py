@@ -59,6 +59,12 @@ def test_bad_names_and_missing_data_exit_2_before_any_work(tmp_path, capsys, mon
     assert evaluate.main(["--set", f"eval.mirror={tmp_path}", "--set", "eval.tasks=[sts/stsb]", "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "STSBenchmark: none of test.jsonl.gz" in err and f"the mirror {tmp_path} (eval.mirror (or CORPUS_EMBED_MIRROR))" in err
+    from tests.helpers import free_port
+
+    mirror = f"http://reader:hunter2pass@127.0.0.1:{free_port()}/mirror"  # credentials in the mirror's URI, nothing listening
+    assert evaluate.main(["--set", f"eval.mirror={mirror}", "--set", "eval.tasks=[sts/stsb]", "--output", str(tmp_path / "o")]) == 2
+    printed = capsys.readouterr()
+    assert "cannot reach the mirror http://***@127.0.0.1" in printed.err and "hunter2pass" not in printed.err + printed.out
 
 
 def test_benchmarks_never_feed_a_fitted_step(tmp_path, capsys):
