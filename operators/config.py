@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -458,6 +459,55 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+# A config or sweep file is small: a cap on its bytes, and on the values it expands to, so a YAML
+# alias bomb (a few lines whose aliases nest into billions of values) fails at once with its cause.
+MAX_YAML_BYTES = 4 << 20
+MAX_YAML_VALUES_ENV = "CORPUS_EMBED_MAX_YAML_VALUES"
+
+
+def load_yaml(path: Path) -> Any:
+    """A YAML file's tree, refused when the file is over MAX_YAML_BYTES or expands (aliases
+    counted as often as they are used) to more values than CORPUS_EMBED_MAX_YAML_VALUES (200,000)."""
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {size} bytes, over the {MAX_YAML_BYTES} a config or sweep file may have")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    cap = int(os.environ.get(MAX_YAML_VALUES_ENV) or 200_000)
+    if expanded_values(tree, cap) > cap:
+        raise ConfigError(f"{path}: expands to more than {cap} values (YAML aliases used over and over?); "
+                          f"the cap is the environment variable {MAX_YAML_VALUES_ENV}")
+    return tree
+
+
+def expanded_values(tree: Any, cap: int) -> int:
+    """How many values `tree` holds with every shared (aliased) node counted each time it is used,
+    counted without expanding anything and stopping past `cap`; a node that contains itself counts
+    as over the cap."""
+    memo: dict[int, int] = {}
+
+    def count(node, depth: int) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if depth > 500:
+            return cap + 1
+        memo[key] = cap + 1  # seen again while counting itself: recursive
+        total = 1
+        for child in (node.values() if isinstance(node, dict) else node):
+            total += count(child, depth + 1)
+            if total > cap:
+                break
+        memo[key] = min(total, cap + 1)
+        return memo[key]
+
+    return count(tree, 0)
+
+
 def read_config_tree(path: Path, _seen: tuple = ()) -> dict:
     """A YAML config as a dict. `extends: other.yaml` (relative to this file) names a base whose
     keys this file overrides: presets extend the default so each is a complete config."""
@@ -465,10 +515,7 @@ def read_config_tree(path: Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'extends' loops back on itself")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    tree = load_yaml(path) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (input, output, model, ...)")
     _new_names(tree)

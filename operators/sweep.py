@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import posixpath
 import shutil
 import time
@@ -53,6 +54,7 @@ from operators.config import (
     _set_dotted,
     fingerprint,
     format_validation_error,
+    load_yaml,
     read_config_tree,
     redact,
 )
@@ -75,7 +77,8 @@ from operators.postprocess import STEP_TYPES, ArtifactError, Fit, Moments, PostP
 from operators.storage import redact_text
 
 HEAD_FIELDS = ("pooling", "layers", "exclude_special_tokens", "normalize")
-SWEEP_KEYS = {"base", "set", "rank_by", "axes", "variants", "name"}
+SWEEP_KEYS = {"base", "set", "rank_by", "axes", "variants", "name", "max_variants"}
+MAX_VARIANTS = 10_000  # a sweep's variants, at most, unless its max_variants says otherwise
 
 
 @dataclass
@@ -153,7 +156,7 @@ def load_sweep(path: str | Path, sets: list[str] = (), output: str = "out/sweep"
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = load_yaml(path) or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a sweep is a mapping with base, axes and/or variants")
     unknown = set(spec) - SWEEP_KEYS
@@ -182,6 +185,13 @@ def load_sweep(path: str | Path, sets: list[str] = (), output: str = "out/sweep"
         raise ConfigError(f"{path}: axes maps each dotted key to a non-empty list of values")
     if not isinstance(listed, list) or not all(isinstance(v, dict) for v in listed):
         raise ConfigError(f"{path}: variants is a list of mappings of dotted keys to values")
+    cap = spec.get("max_variants", MAX_VARIANTS)
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        raise ConfigError(f"{path}: max_variants must be a positive integer")
+    count = math.prod(len(v) for v in axes.values()) * bool(axes) + len(listed)
+    if count > cap:
+        raise ConfigError(f"{path}: {count} variants ({' x '.join(str(len(v)) for v in axes.values()) or '0'} axes, "
+                          f"{len(listed)} listed), over max_variants = {cap}; set max_variants in the sweep file to run more")
     combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] if axes else []
     overrides_list = combos + [dict(v) for v in listed]
     if not overrides_list:

@@ -212,3 +212,25 @@ def test_sweep_reports_hold_no_secret_and_labels_inject_nothing(tmp_path, tiny_b
     write_best(templated, tmp_path / "b2")  # whichever won: the newline label written as a best config
     text = (tmp_path / "b2" / "config.yaml").read_text()
     assert "extends" not in yaml.safe_load(text) and "\\nextends" in text.splitlines()[0]
+
+
+def test_sweeps_and_configs_are_bounded_before_anything_expands(tmp_path, tiny_bert):
+    """7 axes of 10 values (10^7 variants) fail at once naming max_variants; a YAML alias bomb in
+    extraction.demonstrations fails naming the cap, in a sweep and in a config file alike."""
+    import time
+
+    axes = {f"extraction.{k}": list(range(10)) for k in ("a", "b", "c", "d", "e", "f", "g")}
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump({"set": {"model.name": tiny_bert}, "axes": axes}))
+    started = time.time()
+    with pytest.raises(ConfigError, match=r"10000000 variants \(10 x 10 x 10 x 10 x 10 x 10 x 10 axes, 0 listed\), over max_variants = 10000"):
+        load_sweep(str(path))
+    assert time.time() - started < 5
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    (tmp_path / "bomb.yaml").write_text(bomb + "set: {extraction.demonstrations: *i}\n")  # 9^9 strings
+    with pytest.raises(ConfigError, match=r"bomb.yaml: expands to more than 200000 values .*CORPUS_EMBED_MAX_YAML_VALUES"):
+        load_sweep(str(tmp_path / "bomb.yaml"))
+    (tmp_path / "bomb-config.yaml").write_text(bomb + "extraction: {demonstrations: *i}\n")
+    with pytest.raises(ConfigError, match=r"expands to more than 200000 values"):
+        load_config(tmp_path / "bomb-config.yaml")
