@@ -97,6 +97,13 @@ class RunRecord:
     started: float = field(default_factory=time.time)
     report: dict | None = None  # as written
     report_path: str | None = None  # where the report went when the output could not take it
+    lease: object = field(default=None, repr=False)  # the output's lease while running()
+
+    def check_lease(self) -> None:
+        """Before a commit on the driver (manifest, deletions, publishing, sinks): stop (LeaseError)
+        when another run took the output over while this one was stalled."""
+        if self.lease is not None:
+            self.lease.check()
 
     @classmethod
     def begin(cls, cfg: PipelineConfig) -> "RunRecord":
@@ -137,6 +144,7 @@ class RunRecord:
 
         fs, root = get_fs(cfg.output.uri, cfg.output.storage)
         lease = acquire_lease(fs, root, self.run_id, cfg.output.lease_seconds)
+        self.lease = lease
         try:
             yield self
             self.status = "ok"
@@ -240,6 +248,7 @@ def record_outputs(cfg: PipelineConfig, plan, outcome: WriteOutcome, record: Run
     """Delete the shards gone from the input, write the deletions and the merged manifest, add the
     commits to the record. Returns the manifest's entries; raises IncompleteShardError (after
     recording what was committed) when a shard was not."""
+    record.check_lease()
     fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
     deletions = remove_deleted_shards(fs, out_dir, plan.deleted)
     for stats in outcome.committed.values():  # the ids a changed shard lost go to the deletions, the node to the report

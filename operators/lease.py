@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import posixpath
 import socket
@@ -35,7 +36,7 @@ class LeaseError(RuntimeError):
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # gone, or no pid this machine can have
         return False
     except PermissionError:
         return True
@@ -43,6 +44,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def read_lease(fs, root: str) -> dict | None:
+    """The lease, or None when there is none or it holds nothing (cut short, not a JSON object)."""
     path = posixpath.join(root, LEASE)
     try:
         with fs.open(path, "rb") as f:
@@ -50,15 +52,27 @@ def read_lease(fs, root: str) -> dict | None:
         return lease if isinstance(lease, dict) and "run_id" in lease else None
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise LeaseError(f"{path} is a folder, not this product's lease: move it away (nothing was started)") from None
     except (ValueError, UnicodeDecodeError):
         return None  # a lease cut short by a dying writer holds nothing
 
 
+def expires_at(lease: dict) -> float:
+    """When the lease expires; a value that is not a finite number (NaN, a string) has expired."""
+    value = lease.get("expires_at")
+    try:
+        t = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError, OverflowError):
+        return float("-inf")
+    return t if math.isfinite(t) else float("-inf")
+
+
 def holder_alive(lease: dict, now: float | None = None) -> bool:
     now = time.time() if now is None else now
-    if float(lease.get("expires_at", 0)) <= now:
+    if expires_at(lease) <= now:
         return False
-    if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
+    if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int) and not isinstance(lease.get("pid"), bool):
         if lease["pid"] == os.getpid():  # this process: live only while one of its runs holds it
             return lease.get("run_id") in _HELD
         return _pid_alive(lease["pid"])
@@ -96,6 +110,17 @@ class Lease:
                 self._write()
             except Exception:  # a missed renewal is retried; the lease lasts ttl
                 pass
+
+    def check(self) -> None:
+        """Raise LeaseError when this run no longer holds the output: read the lease now (a run that
+        stalled past its TTL may not have seen the takeover yet). Called before every commit."""
+        if self.lost is None:
+            current = read_lease(self.fs, self.root)
+            if current is None or current.get("run_id") != self.run_id:
+                self.lost = f"run {current['run_id']} took the lease over" if current else "the lease file is gone"
+        if self.lost:
+            raise LeaseError(f"{self.path}: this run no longer holds the output ({self.lost}, after it stalled past "
+                             "output.lease_seconds); it stops before committing anything more")
 
     def release(self, attempts: int = 3) -> None:
         self._stop.set()
@@ -148,7 +173,7 @@ def acquire_lease(fs, root: str, run_id: str, ttl: float, settle: float = 0.2) -
 
 
 def _busy(root: str, held: dict) -> str:
-    left = max(0.0, float(held.get("expires_at", 0)) - time.time())
+    left = max(0.0, expires_at(held) - time.time())
     return (
         f"output {root} is held by run {held.get('run_id')} (host {held.get('host')}, pid {held.get('pid')}) "
         f"for {left:.0f} s more: wait for it to finish. If that run is dead on another host, its lease expires "

@@ -58,6 +58,7 @@ def run(cfg: PipelineConfig, noop: bool = False) -> RunRecord:
                 gate = run_gate(cfg, prepared, ray_embed_fn(cfg, prepared), query_side_for(cfg, prepare, ray_embed_fn))
             record.gate = gate.to_json()
             gate.require_passed()  # GateError: nothing published
+        record.check_lease()  # a run stalled past its lease, taken over meanwhile, publishes nothing
         record.published, record.previous_version = publish_version(cfg, plan, record.run_id)
         if cfg.sinks.lancedb.uri:
             with record.timed("sinks_s"):

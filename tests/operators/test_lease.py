@@ -73,3 +73,41 @@ def test_a_lease_this_process_no_longer_holds_is_taken_over(tmp_path):
     lease_module._HELD.discard("crashed")  # what release() does before its rm, which here "failed"
     assert read_lease(fs, root)["run_id"] == "crashed"
     acquire_lease(fs, root, "next", ttl=30, settle=0).release()
+
+
+@pytest.mark.parametrize("fields", [
+    {"expires_at": float("nan")}, {"expires_at": "tomorrow"}, {"expires_at": None}, {"expires_at": [1]},
+    {"expires_at": 1e308 * 10}, {"pid": 10 ** 30, "host": "HOST", "expires_at": 0}, {"pid": "12", "expires_at": 0},
+    {"pid": True, "expires_at": 0},
+])
+def test_a_lease_with_bad_fields_holds_nothing_and_raises_nothing_raw(tmp_path, fields):
+    """NaN, strings, infinities, a pid no machine has: such a lease has expired; a run takes the output."""
+    import socket
+
+    (tmp_path / "out").mkdir()
+    doc = {"run_id": "odd", "host": "elsewhere", "pid": 1, **fields}
+    if doc["host"] == "HOST":
+        doc["host"] = socket.gethostname()
+    (tmp_path / "out" / LEASE).write_text(json.dumps(doc))  # NaN and Infinity as Python's json writes them
+    acquire_lease(fsspec.filesystem("file"), str(tmp_path / "out"), "run-5", ttl=30, settle=0).release()
+
+
+def test_a_folder_at_the_lease_path_is_refused_with_a_clear_message(tmp_path):
+    (tmp_path / "out" / LEASE).mkdir(parents=True)
+    with pytest.raises(LeaseError, match=r"_lease.json is a folder, not this product's lease: move it away"):
+        acquire_lease(fsspec.filesystem("file"), str(tmp_path / "out"), "run-6", ttl=30, settle=0)
+
+
+def test_a_run_taken_over_while_stalled_stops_before_committing(tmp_path):
+    """A holder frozen past its TTL and taken over: check() (called before every commit on the
+    driver) raises at once, without waiting for the renewal thread to notice."""
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path / "out")
+    lease = acquire_lease(fs, root, "frozen", ttl=30, settle=0)
+    lease.check()  # holds it
+    stale = json.loads((tmp_path / "out" / LEASE).read_text())
+    (tmp_path / "out" / LEASE).write_text(json.dumps(dict(stale, run_id="taker")))  # what a takeover writes
+    with pytest.raises(LeaseError, match=r"no longer holds the output \(run taker took the lease over"):
+        lease.check()
+    lease.release()
+    assert read_lease(fs, root)["run_id"] == "taker"  # the taker's lease is left alone
