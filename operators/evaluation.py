@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators import __version__, models
-from operators.config import ConfigError, PipelineConfig
+from operators.config import ConfigError, PipelineConfig, StorageConfig
 from operators.eval_data import (
     ALL_TASKS,
     CV_TASKS,
@@ -52,8 +52,8 @@ from operators.metrics import (
 )
 from operators.mteb_tasks import DOCUMENT, QUERY, LookupEncoder, load_mteb_task, model_meta, run_mteb, task_inputs
 from operators.readers import looks_like_path
-from operators.sources import SourceError, Sources, mirror_from
-from operators.storage import commit_file
+from operators.sources import Sources, is_local, mirror_from
+from operators.storage import InputError, commit_file, list_shards, redact_text
 
 EmbedFn = Callable[[list[str], list[str]], Iterable[tuple[list[str], np.ndarray]]]
 
@@ -75,17 +75,30 @@ def eval_sources(cfg: PipelineConfig) -> Sources:
     return Sources(mirror_from(cfg.eval.mirror), str(models.CACHE_DIR), cfg.eval.storage)
 
 
+BENCHMARK_FOLDERS = ("hf/datasets/mteb", "senteval", "stackoverflow", "ag_news", "sts", "clf", "sts-raw", "banking77")
+
+
 def check_held_out(cfg: PipelineConfig) -> None:
-    """Nothing from the benchmarks may feed a fitted step: a fit corpus that names a benchmark, or
-    whose files resolve inside the mirror's benchmark folders, is refused."""
-    corpus = cfg.whitening.corpus
-    if not corpus or corpus_files(corpus) is not None or not looks_like_path(corpus):
-        return
+    """Nothing from the benchmarks may feed a fitted step: a whitening or calibration corpus any of
+    whose files (a glob or folder expanded, links resolved) lies inside the mirror's benchmark
+    folders is refused. Files are compared, not spellings: 'st?/raw/...' is caught as 'sts/raw/...'."""
     mirror = mirror_from(cfg.eval.mirror)
-    folders = ["hf/datasets/mteb", "senteval", "stackoverflow", "ag_news", "sts", "clf", "sts-raw", "banking77"]
-    norm = lambda p: str(Path(p).expanduser().resolve()) if "://" not in p else p  # noqa: E731
-    if mirror and any(norm(corpus).startswith(norm(posixpath.join(mirror, f)) + "/") for f in folders):
-        raise ConfigError(f"whitening.corpus: {corpus} lies inside the benchmarks ({mirror}); fit on held-out text such as wikitext-2")
+    if not mirror:
+        return
+    resolve = lambda p: str(Path(p.removeprefix("file://")).expanduser().resolve()) if is_local(p) else p.rstrip("/")  # noqa: E731
+    bench = [resolve(posixpath.join(mirror, f)) + "/" for f in BENCHMARK_FOLDERS]
+    for setting, corpus, storage in (("whitening.corpus", cfg.whitening.corpus, cfg.whitening.storage),
+                                     ("model.calibration_corpus", cfg.model.calibration_corpus, StorageConfig())):
+        if not corpus or corpus_files(corpus) is not None or not looks_like_path(corpus):
+            continue
+        try:
+            files = [resolve(s.uri) for s in list_shards(corpus, "text", storage)]
+        except InputError:
+            files = [resolve(corpus)]  # nothing there: its own reader says so; the spelling is still checked
+        inside = [f for f in files if any(f.startswith(b) for b in bench)]
+        if inside:
+            raise ConfigError(f"{setting}: {corpus} reads {inside[0]}, inside the benchmarks ({redact_text(mirror)}); "
+                              "fit on held-out text such as wikitext-2")
 
 
 def load_tasks(cfg: PipelineConfig, tasks: list[str], sources: Sources | None = None) -> dict:

@@ -102,21 +102,34 @@ ACTIVATIONS = {
 def st_projection(folder: Path | None) -> dict | None:
     """The Dense layer of a sentence-transformers folder (e.g. sentence-t5's 768->768 projection),
     or None. Read from modules.json; the weights load on the actor."""
+    from operators.storage import UnsafePathError, confined_path
+
     if folder is None or not (folder / "modules.json").is_file():
         return None
-    modules = json.loads((folder / "modules.json").read_text())
-    dense = [m for m in modules if m.get("type", "").rsplit(".", 1)[-1] == "Dense"]
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"model.name: {folder}/modules.json is not JSON ({e})") from e
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ModelLoadError(f"model.name: {folder}/modules.json is not a list of modules")
+    dense = [m for m in modules if str(m.get("type", "")).rsplit(".", 1)[-1] == "Dense"]
     if not dense:
         return None
     if len(dense) > 1:
         raise ConfigError(f"model.name: {folder} has {len(dense)} Dense layers; only one is supported")
-    sub = folder / dense[0]["path"]
-    cfg = json.loads((sub / "config.json").read_text())
-    act = ACTIVATIONS.get(cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
-    if act is None:
-        raise ConfigError(f"model.name: unsupported Dense activation {cfg.get('activation_function')} in {sub}")
-    return {"path": dense[0]["path"], "in": int(cfg["in_features"]), "out": int(cfg["out_features"]),
-            "bias": bool(cfg.get("bias", True)), "activation": act}
+    try:  # the module's folder is a name inside the model's folder, never a path out of it
+        sub = confined_path(folder, str(dense[0].get("path", "")))
+        cfg = json.loads((sub / "config.json").read_text())
+        act = ACTIVATIONS.get(cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
+        if act is None:
+            raise ConfigError(f"model.name: unsupported Dense activation {cfg.get('activation_function')} in {sub}")
+        return {"path": dense[0]["path"], "in": int(cfg["in_features"]), "out": int(cfg["out_features"]),
+                "bias": bool(cfg.get("bias", True)), "activation": act}
+    except UnsafePathError as e:
+        raise ModelLoadError(f"model.name: {folder}/modules.json names a Dense module outside the model folder: {e}") from e
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"model.name: {folder}: the Dense module {dense[0].get('path')!r} is unreadable "
+                             f"({type(e).__name__}: {e})") from e
 
 
 def _sha256_files_named(path: Path) -> str:

@@ -79,12 +79,31 @@ def _serve() -> None:
     out.flush()
 
 
+def check_calibration_corpus(cfg: PipelineConfig) -> None:
+    """Static int8 calibrates on the actors: its corpus must yield text now, before any work
+    (InputError naming the setting), not fail there with 're-run to retry it'."""
+    from operators.config import StorageConfig
+    from operators.readers import read_fit_corpus
+    from operators.storage import InputError, redact_text
+
+    m = cfg.model
+    if m.quantization != "int8" or not m.calibration_corpus:
+        return
+    try:
+        found = read_fit_corpus(m.calibration_corpus, "lines", 1, StorageConfig(), cfg.eval.mirror)
+    except InputError as e:
+        raise InputError(f"model.calibration_corpus: {redact_text(str(e))}") from e
+    if not found:
+        raise InputError(f"model.calibration_corpus: {redact_text(m.calibration_corpus)} holds no text to calibrate on")
+
+
 def prepare_here(cfg: PipelineConfig, postprocess: bool = True) -> Prepared:
     from operators.models import resolve_model
     from operators.provenance import build_provenance, check_artifact
     from operators.tokenize import load_tokenizer
 
     resolved = resolve_model(cfg.model, cfg.extraction)
+    check_calibration_corpus(cfg)
     artifact = check_artifact(cfg, resolved) if postprocess else None
     sha = artifact.sha256 if artifact else None
     provenance, fp = build_provenance(cfg, resolved, sha)

@@ -172,3 +172,16 @@ def test_engine_and_quantization_enter_the_fingerprint_and_the_provenance(minilm
     assert "engine" not in torch_fp.provenance["model"]  # fingerprints from before engines still hold
     assert int8_fp.provenance["engine"] == {"name": "onnx", "quantization": "int8"}
     assert torch_fp.provenance["engine"] == {"name": "torch", "quantization": "none"}
+
+
+def test_a_calibration_corpus_that_is_not_there_fails_before_any_work(tiny_bert, tmp_path):
+    """Checked by prepare (exit 2 from every pipeline), not on the actors with 're-run to retry it'."""
+    from operators.prepare import prepare
+    from operators.storage import InputError
+
+    base = [f"model.name={tiny_bert}", "model.engine=onnx", "model.quantization=int8"]
+    with pytest.raises(InputError, match=r"model.calibration_corpus: .*no-such-file.txt does not exist"):
+        prepare(load_config(None, [*base, f"model.calibration_corpus={tmp_path}/no-such-file.txt"]), isolate=False)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(InputError, match=r"empty.txt holds no text to calibrate on"):
+        prepare(load_config(None, [*base, f"model.calibration_corpus={tmp_path}/empty.txt"]), isolate=False)

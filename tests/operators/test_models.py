@@ -161,3 +161,25 @@ def test_s3_folder_marker_objects_are_not_files(s3_bucket, tiny_bert, tmp_path, 
     s3.put_object(Bucket=s3_bucket, Key="m/1_Pooling/config.json", Body=b'{"pooling_mode_mean_tokens": true}')
     folder = models.copy_to_local_cache(f"s3://{s3_bucket}/m", models.StorageConfig())
     assert (folder / "1_Pooling" / "config.json").is_file() and (folder / "config.json").is_file()
+
+
+def test_modules_json_cannot_reach_outside_the_model_folder(tiny_bert, tmp_path):
+    """A Dense module at '../../outside_dense' is refused, never read; a malformed modules.json
+    gives a clear ModelLoadError, not a raw AttributeError."""
+    import json
+    import shutil
+
+    import pytest
+
+    folder = tmp_path / "deep" / "er" / "model"
+    shutil.copytree(tiny_bert, folder)
+    outside = tmp_path / "deep" / "outside_dense"
+    outside.mkdir(parents=True)
+    (outside / "config.json").write_text(json.dumps({"in_features": 32, "out_features": 4}))
+    (folder / "modules.json").write_text(json.dumps([{"idx": 0, "name": "1", "path": "../../outside_dense",
+                                                      "type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(models.ModelLoadError, match="names a Dense module outside the model folder"):
+        models.st_projection(folder)
+    (folder / "modules.json").write_text(json.dumps({"0": "x"}))
+    with pytest.raises(models.ModelLoadError, match="is not a list of modules"):
+        models.st_projection(folder)

@@ -68,11 +68,17 @@ def test_bad_names_and_missing_data_exit_2_before_any_work(tmp_path, capsys, mon
 
 
 def test_benchmarks_never_feed_a_fitted_step(tmp_path, capsys):
+    """The exact path, a glob that spells the folder otherwise, a link to it, a calibration corpus:
+    each refused, comparing the files they read."""
     bench = make_bench(tmp_path / "bench")
-    args = ["--set", f"whitening.corpus={bench}/hf/datasets/mteb/sts1?-sts/*", "--set", f"eval.mirror={bench}",
-            "--set", "eval.tasks=[sts/stsb]", "--output", str(tmp_path)]
-    assert evaluate.main(args) == 2
-    assert "lies inside the benchmarks" in capsys.readouterr().err
+    (tmp_path / "link").symlink_to(bench / "senteval")
+    for setting in (f"whitening.corpus={bench}/senteval/MR/rt-polarity.pos", f"whitening.corpus={bench}/sen?eval/MR/*",
+                    f"whitening.corpus={tmp_path}/link", f"model.calibration_corpus={bench}/hf/datasets/mteb/sts1?-sts/*"):
+        args = ["--set", setting, "--set", f"eval.mirror={bench}", "--set", "eval.tasks=[sts/stsb]", "--output", str(tmp_path / "o")]
+        if setting.startswith("model."):
+            args += ["--set", "model.engine=onnx", "--set", "model.quantization=int8"]
+        assert evaluate.main(args) == 2, setting
+        assert "inside the benchmarks" in capsys.readouterr().err, setting
 
 
 @needs_mirror
