@@ -250,18 +250,25 @@ def record_outputs(cfg: PipelineConfig, plan, outcome: WriteOutcome, record: Run
     recording what was committed) when a shard was not."""
     record.check_lease()
     fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
-    deletions = remove_deleted_shards(fs, out_dir, plan.deleted)
+    lost_ids = []
     for stats in outcome.committed.values():  # the ids a changed shard lost go to the deletions, the node to the report
-        deletions += [{"id": i, "shard": stats["output"], "reason": "document removed"} for i in stats.pop("deleted_ids", None) or []]
+        lost_ids += [{"id": i, "shard": stats["output"], "reason": "document removed"} for i in stats.pop("deleted_ids", None) or []]
         node = stats.pop("node", None)
         if node:
             record.shards_by_node[node] = record.shards_by_node.get(node, 0) + 1
-    recorded = load_manifest(fs, out_dir)
-    entries = merge_manifest(recorded, plan, outcome)
-    if entries != recorded.entries or recorded.input_uri != plan.input_root:  # a run with nothing to do rewrites nothing
-        write_manifest(fs, out_dir, entries, plan.config_fingerprint, plan.input_root)
-    record.deletions_file = write_deletions(fs, out_dir, record.run_id, deletions)
+    # what was committed goes into the record first: the report says so even if the bookkeeping below fails
     record.committed_shards = sorted(s["output"] for s in outcome.committed.values())
+    try:
+        deletions = remove_deleted_shards(fs, out_dir, plan.deleted) + lost_ids
+        recorded = load_manifest(fs, out_dir)
+        entries = merge_manifest(recorded, plan, outcome)
+        if entries != recorded.entries or recorded.input_uri != plan.input_root:  # a run with nothing to do rewrites nothing
+            write_manifest(fs, out_dir, entries, plan.config_fingerprint, plan.input_root)
+        record.deletions_file = write_deletions(fs, out_dir, record.run_id, deletions)
+    except OSError as e:  # a full disk, a denied write: the committed vector files stand, a re-run finishes the records
+        for stats in outcome.committed.values():
+            record.counts.add_shard(stats)
+        raise IncompleteShardError(incomplete_message(outcome, len(plan.todo), records_error=e)) from e
     record.deleted_shards = plan.deleted
     record.counts.rows_deleted = len(deletions)
     for stats in outcome.committed.values():
@@ -279,8 +286,9 @@ def record_outputs(cfg: PipelineConfig, plan, outcome: WriteOutcome, record: Run
     return entries
 
 
-def incomplete_message(outcome: WriteOutcome, planned: int) -> str:
-    """What a run that did not commit every shard says: each shard, why, and what a re-run does."""
+def incomplete_message(outcome: WriteOutcome, planned: int, records_error: Exception | None = None) -> str:
+    """What a run that did not commit every shard (or could not write the output's records) says:
+    each shard, why, and what a re-run does."""
     problems = [f"{s}: {e}" for s, e in sorted(outcome.failed.items())]
     problems += [
         f"{s}: {p['rows_staged']} of {p['rows_expected'] or '?'} records staged when the run stopped; not committed, re-run to retry it"
@@ -288,6 +296,9 @@ def incomplete_message(outcome: WriteOutcome, planned: int) -> str:
     ]
     shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
     cause = f"\n  the run stopped early: {outcome.error}" if outcome.error is not None else ""
+    if records_error is not None:
+        cause += (f"\n  the output's manifest and deletions could not be written ({type(records_error).__name__}: {records_error}); "
+                  "the committed vector files stand, and a re-run records them from their footers")
     return redact_text(
         f"{len(outcome.committed)} of {planned} shards committed (kept: a re-run skips them); "
         f"{len(outcome.failed) + len(outcome.pending)} not committed" + cause + "".join(f"\n  {p}" for p in shown)

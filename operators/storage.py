@@ -341,10 +341,17 @@ def write_text_atomic(fs: fsspec.AbstractFileSystem, path: str, text) -> None:
     folder, name = posixpath.split(path)
     fs.makedirs(folder, exist_ok=True)
     tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-    with fs.open(tmp, "w") as f:
-        for chunk in ([text] if isinstance(text, str) else text):
-            f.write(chunk)
-    commit_file(fs, tmp, path)
+    try:
+        with fs.open(tmp, "w") as f:
+            for chunk in ([text] if isinstance(text, str) else text):
+                f.write(chunk)
+        commit_file(fs, tmp, path)
+    except BaseException:  # a full disk, a denied write, an interrupt: no half-written file left behind
+        try:
+            fs.rm(tmp)
+        except Exception:
+            pass
+        raise
 
 
 def commit_file(fs: fsspec.AbstractFileSystem, staged: str, final: str) -> None:

@@ -87,3 +87,40 @@ def test_the_incomplete_message_lists_at_most_twenty_shards():
     outcome = WriteOutcome(failed={f"s3://b/{i:03d}": "commit failed" for i in range(25)})
     text = incomplete_message(outcome, 25)
     assert text.startswith("0 of 25 shards committed") and "... and 5 more" in text and text.count("commit failed") == 20
+
+
+def test_a_full_disk_keeps_the_commits_in_the_record_and_leaves_no_scratch(tmp_path):
+    """The output on a real filesystem that fills up (a 1 MiB tmpfs): the shards committed, then no
+    space for the manifest. The error names the commits and the cause, the record holds the
+    committed shards, no empty '.manifest.json.*.tmp' is left, and a run with space finishes."""
+    import shutil
+    import subprocess
+
+    out = tmp_path / "out"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs (CI and the development machines run as root)")
+    try:
+        folder = make_corpus(tmp_path / "in", shards=4, rows=12)
+        cfg = load_config(None, [f"input.uri={folder}", f"output.uri={out}"])
+        prepared = prepare(cfg)
+        plan = plan_run(cfg, prepared)
+        outcome = commit_in_process(cfg, prepared, plan)
+        try:  # the rest of the disk taken
+            with open(out / "filler", "wb", buffering=0) as f:
+                while True:
+                    f.write(b"\0" * 4096)
+        except OSError:
+            pass
+        record = RunRecord.begin(cfg)
+        with pytest.raises(IncompleteShardError, match=r"(?s)4 of 4 shards committed .*manifest and deletions could not be written "
+                                                       r"\(OSError: \[Errno 28\] No space left on device\)"):
+            record_outputs(cfg, plan, outcome, record)
+        assert len(record.committed_shards) == 4 and record.counts.shards_embedded == 4
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+        (out / "filler").unlink()
+        entries = record_outputs(cfg, plan_run(cfg, prepared), commit_in_process(cfg, prepared, plan_run(cfg, prepared)), RunRecord.begin(cfg))
+        assert len(entries) == 4
+    finally:
+        subprocess.run(["umount", str(out)], check=False)
+        shutil.rmtree(out, ignore_errors=True)
