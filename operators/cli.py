@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from operators import __version__
@@ -29,10 +31,16 @@ from operators.writers import IncompleteShardError
 
 logger = logging.getLogger("corpus_embed")
 
+
+class Terminated(Exception):
+    """SIGTERM (a scheduler, a pod being stopped): the run stops as after any failure, cleanly:
+    what was committed is recorded, the run report written, the lease given back."""
+
+
 EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
     ((ConfigError, InputError, ModelLoadError, ArtifactError, EvalDataError, SourceError, LeaseError), 2),
     ((GateError,), 3),
-    ((IncompleteShardError, SinkError), 1),
+    ((IncompleteShardError, SinkError, Terminated), 1),
 )
 
 
@@ -68,6 +76,7 @@ def main(
     if add_arguments:
         add_arguments(p)
     args = p.parse_args(argv)
+    restore = stop_on_sigterm()
     try:
         paths = (args.config or [None]) if compare else [args.config]
         cfgs = []
@@ -81,8 +90,23 @@ def main(
         if not known:
             logger.debug("unexpected error", exc_info=True)
         return _fail(e, exit_code(e), "" if known else f"{type(e).__name__}: ")
+    finally:
+        restore()
     print(summarize(result), flush=True)
     return 0
+
+
+def stop_on_sigterm():
+    """Turn SIGTERM into Terminated in the main thread for the length of a command; returns what
+    puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise Terminated(f"stopped by {signal.Signals(signum).name}; re-run to finish")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(e: BaseException, code: int, prefix: str = "") -> int:

@@ -15,11 +15,14 @@ class and imported on the actors, so the driver never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
 import os
 import posixpath
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -36,6 +39,27 @@ def init_ray(cfg: PipelineConfig) -> None:
 
     if ray.is_initialized():
         return
+    with sigterm_kept():
+        _init_ray(cfg)
+
+
+@contextlib.contextmanager
+def sigterm_kept():
+    """Keep the caller's SIGTERM handler (the command line stops a run cleanly on it: commits
+    recorded, report written, lease given back) over the one ray.init installs, which ends the
+    process at once."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init_ray(cfg: PipelineConfig) -> None:
+    import ray
+
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)

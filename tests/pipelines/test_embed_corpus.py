@@ -196,6 +196,35 @@ def run_cli(args, **kw):
     )
 
 
+def test_sigterm_stops_the_run_cleanly_with_its_report(ray_local, tmp_path, minilm_path):
+    """SIGTERM to the driver (a scheduler stopping the job) once shards are committed: exit 1 with one
+    line, the run report lists every shard committed before the signal (and none that is not
+    there), the lease is given back, and a re-run finishes the rest."""
+    shards, rows = 6, 24
+    corpus = make_corpus(tmp_path / "in", shards=shards, rows=rows)
+    cfg, path = config(tmp_path, corpus, tmp_path / "out", minilm_path)
+    sets = ["--set", "ray.batch_size=8", "--set", "input.rows_per_block=8", "--set", "ray.num_cpus=2"]
+    proc = run_cli(["--config", str(path), *sets])
+    out = tmp_path / "out"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("*.parquet")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before the signal: " + proc.stdout.read().decode()[-2000:]
+    before = {p.name for p in out.glob("*.parquet")}
+    os.kill(proc.pid, signal.SIGTERM)
+    printed = proc.communicate(timeout=180)[0].decode()
+    assert proc.returncode == 1, printed[-3000:]
+    error = printed[printed.rindex("\nerror: "):]  # the command's own message, last (Ray Data logs the stopped dataset before it)
+    assert "shards committed (kept: a re-run skips them)" in error and "the run stopped early: Terminated: stopped by SIGTERM" in error
+    (report_path,) = (out / "_runs").glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "failed" and before <= set(report["committed_shards"]) <= {p.name for p in out.glob("*.parquet")}
+    assert not (out / "_lease.json").exists()
+    resumed = run(load_config(path, ["ray.rows_per_call=8", "input.rows_per_block=8"]))
+    assert resumed.counts.shards_unchanged + resumed.counts.shards_new == shards
+    assert len(read_vectors(fsspec.filesystem("file"), str(out))) == shards * rows
+
+
 def test_kill_then_resume_equals_a_clean_run(ray_local, tmp_path, minilm_path):
     """SIGKILL the whole job (driver and its local Ray) once some shards are committed, re-run,
     and compare row for row with an uninterrupted run."""
