@@ -27,6 +27,7 @@ from operators.storage import (
     list_shards,
     protocol_of,
     redact_text,
+    redact_uri,
 )
 from operators.writers import ShardStats, load_manifest, read_provenance
 
@@ -173,7 +174,7 @@ def plan_run(cfg: PipelineConfig, prepared, shards: list[Shard] | None = None) -
     if damaged:
         logger.warning("%d committed vector files differ from what their commit recorded (size, etag/mtime); "
                        "embedding them again: %s", len(damaged), ", ".join(damaged[:10]))
-    root = redact_text(cfg.input.uri.rstrip("/"))
+    root = redact_uri(cfg.input.uri.rstrip("/"))
     input_root = recorded.input_uri
     prunes = cfg.output.prune or (input_root == root)
     if input_root is None and (manifest or recorded.damaged or present):

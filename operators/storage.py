@@ -81,12 +81,28 @@ _KNOWN_SECRETS: set[str] = set()
 
 def register_secrets(value: str, whole: bool = False) -> None:
     """Remember the credentials in `value` (the userinfo of any URI in it; all of it with `whole`,
-    a secret-named option's value) and their ':'/'/'-separated pieces of 4+ characters:
-    redact_text removes them wherever they appear, however a library echoes them."""
-    creds = [m.group("cred") for m in _URI_USERINFO.finditer(value)] + ([value] if whole and len(value) >= 4 else [])
-    for cred in creds:
-        _KNOWN_SECRETS.add(cred)
-        _KNOWN_SECRETS.update(p for p in re.split(r"[:/]", cred) if len(p) >= 4)
+    a secret-named option's value): redact_text removes them wherever they appear, however a
+    library echoes them (botocore quotes a bucket name cut at the secret's first '/'). Kept: the
+    whole userinfo, the password, its '/'-separated pieces of 8+ characters, and a user name of
+    16+ (an access key id); a short user name ('user', 'reader') is no secret and stays."""
+    for m in _URI_USERINFO.finditer(value):
+        user, _, password = m.group("cred").partition(":")
+        _KNOWN_SECRETS.add(m.group("cred"))
+        if len(user) >= 16:
+            _KNOWN_SECRETS.add(user)
+        if len(password) >= 4:
+            _KNOWN_SECRETS.add(password)
+        _KNOWN_SECRETS.update(p for p in password.split("/") if len(p) >= 8)
+    if whole and len(value) >= 8:
+        _KNOWN_SECRETS.add(value)
+
+
+def redact_uri(uri: str) -> str:
+    """A URI as people see it, by the rules alone (userinfo, query secrets): what keys shards and
+    input roots, so it is the same in every process, whatever secrets each has registered."""
+    text = _URI_USERINFO.sub(r"\g<scheme>***@", uri)
+    text = _BARE_USERINFO.sub("***@", text)
+    return _SECRET_FIELDS.sub(r"\g<k>***", text)
 
 
 def redact_text(text: str, *uris: str) -> str:
@@ -159,8 +175,9 @@ class Shard:
 
     @property
     def public_uri(self) -> str:
-        """The URI as outputs, logs and errors show it: credentials replaced by ***."""
-        return redact_text(self.uri)
+        """The URI as outputs, logs and errors show it: credentials replaced by *** (by the rules
+        alone: the key of the shard in every process)."""
+        return redact_uri(self.uri)
 
     @property
     def output_name(self) -> str:

@@ -91,6 +91,11 @@ def test_redaction_leaves_path_segments_and_shards_never_show_as_one(tmp_path):
         write_jsonl(tmp_path / "in" / f"token={part}" / "part-0.jsonl", [{"text": "x"}])
     shards = list_shards(str(tmp_path / "in"), "auto", StorageConfig())
     assert len({s.public_uri for s in shards}) == 2
+    from operators.storage import register_secrets
+
+    register_secrets("s3://someone:token=alpha/longsecretpiece@bucket/")  # registered for messages, never for identity
+    assert {s.public_uri for s in shards} == {s.public_uri for s in list_shards(str(tmp_path / "in"), "auto", StorageConfig())}
+    assert all("***" not in s.public_uri for s in shards) and "***" in redact_text("echo token=alpha/longsecretpiece")
     write_jsonl(tmp_path / "in2" / "part-0.jsonl", [{"text": "x"}])
     write_jsonl(tmp_path / "in2" / "part-0.jsonl?sig=abc", [{"text": "x"}])  # a name that redacts
     write_jsonl(tmp_path / "in2" / "part-0.jsonl?sig=xyz", [{"text": "x"}])  # ... to the same as this one
