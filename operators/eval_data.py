@@ -309,8 +309,6 @@ def first_present(sources: Sources, repo: str, revision: str, names: list[str], 
                       f"Fill a mirror with python pipelines/fill_mirror.py --mirror MIRROR --set 'eval.tasks=[{task}]'")
 
 
-__all__ = ["SourceError", "EvalDataError", "Labelled", "Pairs"]
-
 
 def own_task_files(task: str) -> list[SourceFile]:
     """The source files of one of our tasks."""
