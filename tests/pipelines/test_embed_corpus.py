@@ -196,20 +196,27 @@ def run_cli(args, **kw):
     )
 
 
+def started_until_a_commit(tmp_path, model, shards, rows):
+    """The corpus pipeline as its own process (small blocks: many commits), returned once its first
+    vector shard is committed: (corpus, cfg, config path, the process)."""
+    corpus = make_corpus(tmp_path / "in", shards=shards, rows=rows)
+    cfg, path = config(tmp_path, corpus, tmp_path / "out", model)
+    sets = ["--set", "ray.batch_size=8", "--set", "input.rows_per_block=8", "--set", "ray.num_cpus=2"]
+    proc = run_cli(["--config", str(path), *sets])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list((tmp_path / "out").glob("*.parquet")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be stopped: " + proc.stdout.read().decode()[-2000:]
+    return corpus, cfg, path, proc
+
+
 def test_sigterm_stops_the_run_cleanly_with_its_report(ray_local, tmp_path, minilm_path):
     """SIGTERM to the driver (a scheduler stopping the job) once shards are committed: exit 1 with one
     line, the run report lists every shard committed before the signal (and none that is not
     there), the lease is given back, and a re-run finishes the rest."""
     shards, rows = 6, 24
-    corpus = make_corpus(tmp_path / "in", shards=shards, rows=rows)
-    cfg, path = config(tmp_path, corpus, tmp_path / "out", minilm_path)
-    sets = ["--set", "ray.batch_size=8", "--set", "input.rows_per_block=8", "--set", "ray.num_cpus=2"]
-    proc = run_cli(["--config", str(path), *sets])
+    corpus, cfg, path, proc = started_until_a_commit(tmp_path, minilm_path, shards, rows)
     out = tmp_path / "out"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("*.parquet")):
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before the signal: " + proc.stdout.read().decode()[-2000:]
     before = {p.name for p in out.glob("*.parquet")}
     os.kill(proc.pid, signal.SIGTERM)
     printed = proc.communicate(timeout=180)[0].decode()
@@ -229,17 +236,8 @@ def test_kill_then_resume_equals_a_clean_run(ray_local, tmp_path, minilm_path):
     """SIGKILL the whole job (driver and its local Ray) once some shards are committed, re-run,
     and compare row for row with an uninterrupted run."""
     shards, rows = 6, 24
-    corpus = make_corpus(tmp_path / "in", shards=shards, rows=rows)
-    cfg, path = config(tmp_path, corpus, tmp_path / "out", minilm_path)
-    sets = ["--set", "ray.batch_size=8", "--set", "input.rows_per_block=8", "--set", "ray.num_cpus=2"]
-    proc = run_cli(["--config", str(path), *sets])
+    corpus, cfg, path, proc = started_until_a_commit(tmp_path, minilm_path, shards, rows)
     out = tmp_path / "out"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(out.glob("*.parquet"))) >= 1:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read().decode()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # a write task of the killed cluster can finish a commit (an atomic rename) in the moment
