@@ -212,19 +212,23 @@ def write_run_report(record: RunRecord, fs, root: str) -> None:
 # -- recording the outputs ------------------------------------------------------------------------
 
 
-def remove_deleted_shards(fs, out_dir: str, names: list[str]) -> list[dict]:
-    """Delete the vector (and rejected) files of shards gone from the input; return their ids as
-    deletion records."""
+def deleted_shard_ids(fs, out_dir: str, names: list[str]) -> list[dict]:
+    """The ids of the vector files of shards gone from the input, as deletion records (read before
+    anything is removed: a deletion is recorded before its vector file goes)."""
     rows = []
     for name in names:
-        path = posixpath.join(out_dir, name)
-        prev = read_previous(fs, path, columns=("id",))
+        prev = read_previous(fs, posixpath.join(out_dir, name), columns=("id",))
         rows += [{"id": i, "shard": name, "reason": "shard deleted"} for i in (prev.column("id").to_pylist() if prev else [])]
-        fs.rm(path)
+    return rows
+
+
+def remove_deleted_shards(fs, out_dir: str, names: list[str]) -> None:
+    """Delete the vector (and rejected) files of shards gone from the input."""
+    for name in names:
+        fs.rm(posixpath.join(out_dir, name))
         rejected = posixpath.join(out_dir, "_rejected", name)
         if fs.exists(rejected):
             fs.rm(rejected)
-    return rows
 
 
 def merge_manifest(recorded, plan, outcome: WriteOutcome) -> dict:
@@ -259,12 +263,13 @@ def record_outputs(cfg: PipelineConfig, plan, outcome: WriteOutcome, record: Run
     # what was committed goes into the record first: the report says so even if the bookkeeping below fails
     record.committed_shards = sorted(s["output"] for s in outcome.committed.values())
     try:
-        deletions = remove_deleted_shards(fs, out_dir, plan.deleted) + lost_ids
+        deletions = deleted_shard_ids(fs, out_dir, plan.deleted) + lost_ids
+        record.deletions_file = write_deletions(fs, out_dir, record.run_id, deletions)  # recorded before any file goes
+        remove_deleted_shards(fs, out_dir, plan.deleted)
         recorded = load_manifest(fs, out_dir)
         entries = merge_manifest(recorded, plan, outcome)
         if entries != recorded.entries or recorded.input_uri != plan.input_root:  # a run with nothing to do rewrites nothing
             write_manifest(fs, out_dir, entries, plan.config_fingerprint, plan.input_root)
-        record.deletions_file = write_deletions(fs, out_dir, record.run_id, deletions)
     except OSError as e:  # a full disk, a denied write: the committed vector files stand, a re-run finishes the records
         for stats in outcome.committed.values():
             record.counts.add_shard(stats)

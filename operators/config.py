@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -299,15 +299,41 @@ class LanceIndexConfig(_Strict):
     min_rows: int = Field(256, ge=1)  # build the index only from this many rows (IVF needs data to train)
 
 
-class LanceDBSinkConfig(_Strict):
-    uri: str | None = None  # database folder or URI (s3://bucket/db/); None: no LanceDB sink
+class _SinkBase(_Strict):
+    name: str | None = None  # names the sink in reports, errors and its state file; default: its kind
+    batch_rows: int = Field(2000, ge=1)  # rows per write request
+    retries: int = Field(4, ge=0)  # transient errors retried with exponential backoff, at most this often per request
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind  # type: ignore[attr-defined]
+
+
+class LanceDBSinkConfig(_SinkBase):
+    kind: Literal["lancedb"] = "lancedb"
+    uri: str  # database folder or URI (s3://bucket/db/)
     table: str = "embeddings"
     storage_options: dict[str, str] = Field(default_factory=dict)  # e.g. {endpoint: http://minio:9000}; keys from the environment
     index: LanceIndexConfig = Field(default_factory=LanceIndexConfig)
 
 
-class SinksConfig(_Strict):
-    lancedb: LanceDBSinkConfig = Field(default_factory=LanceDBSinkConfig)
+class QdrantSinkConfig(_SinkBase):
+    kind: Literal["qdrant"] = "qdrant"
+    url: str | None = None  # a server, e.g. http://qdrant:6333
+    path: str | None = None  # or a local folder: Qdrant's embedded local mode
+    api_key: str | None = None  # redacted everywhere; None: the environment's QDRANT_API_KEY
+    collection: str = "embeddings"
+    distance: Literal["cosine", "dot", "euclid"] = "cosine"
+    timeout: int = Field(60, ge=1)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "QdrantSinkConfig":
+        if (self.url is None) == (self.path is None):
+            raise ValueError("a qdrant sink needs exactly one of url (a server) or path (local mode)")
+        return self
+
+
+SinkConfig = Annotated[LanceDBSinkConfig | QdrantSinkConfig, Field(discriminator="kind")]
 
 
 class PipelineConfig(_Strict):
@@ -321,8 +347,31 @@ class PipelineConfig(_Strict):
     postprocess: tuple[str | dict[str, int], ...] | None = None
     eval: EvalConfig = Field(default_factory=EvalConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
-    sinks: SinksConfig = Field(default_factory=SinksConfig)
+    # vector stores kept equal to the published output: [{kind: lancedb, uri: ...}, {kind: qdrant, path: ...}]
+    # (the earlier mapping form, sinks: {lancedb: {uri: ...}}, still works)
+    sinks: tuple[SinkConfig, ...] = ()
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("sinks", mode="before")
+    @classmethod
+    def _sink_list(cls, value):
+        if isinstance(value, dict):  # the mapping form: {lancedb: {uri, table, ...}} (no uri: no sink)
+            unknown = set(value) - {"lancedb"}
+            if unknown:
+                raise ValueError(f"sinks: the mapping form knows lancedb only (got {', '.join(sorted(unknown))}); "
+                                 "give a list: [{kind: qdrant, ...}]")
+            lance = value.get("lancedb") or {}
+            return [{"kind": "lancedb", **lance}] if lance.get("uri") else []
+        return value
+
+    @field_validator("sinks")
+    @classmethod
+    def _unique_sink_names(cls, sinks):
+        labels = [s.label for s in sinks]
+        twice = sorted({n for n in labels if labels.count(n) > 1})
+        if twice:
+            raise ValueError(f"sinks: {', '.join(twice)} named twice; give each sink a name")
+        return sinks
 
     @model_validator(mode="after")
     def _steps(self) -> "PipelineConfig":

@@ -1,34 +1,47 @@
-"""Vector store sinks, fed from the committed Parquet vector shards after a run.
+"""Vector store sinks: each store converges to the published Parquet output.
 
-LanceDB (`sinks.lancedb`): one table of (id, vector, shard), kept equal to the published output.
-A run that published a new version (or finds no table) rebuilds the table from every shard of
-that version; a nightly run on the same version replaces the rows of each shard it committed
-(delete where shard = name, then add the shard's rows) and removes the rows of deleted shards,
-so the table holds exactly the rows of the Parquet output, shard by shard: one row per id when
-ids are unique, and an id that two shards both hold (or one, under input.duplicate_ids=keep)
-as often as the Parquet holds it, each row with its own shard's vector. An ANN index (IVF_PQ,
-IVF_FLAT, IVF_HNSW_SQ, ...) is (re)built when configured and the table has at least
-`index.min_rows` rows, plus scalar indexes on id (lookups) and shard (the per-shard deletes).
+The contract, the same for every store (stores.py: LanceDB, Qdrant):
+- What a store should hold is read from the published output, never from what this run did: the
+  manifest of the published folder (`CURRENT.json`'s version with output.versioned, else the
+  output folder) lists every vector shard with its file's fingerprint (size + ETag/mtime).
+- What a store holds is recorded beside the output, per sink: `_sinks/<name>.json` names the
+  config fingerprint, the dimension and, per shard, the fingerprint of the vector file last synced.
+- A sync applies the difference: the rows of new and changed shards are upserted (keyed by
+  (shard, id)), the ids a changed shard no longer holds are deleted, and so are the rows of shards
+  gone from the output; nothing else is touched. A shard's entry is recorded only once its rows
+  are in, so a sync that dies anywhere (a killed run, a store that refused a write) leaves a state
+  the next run finishes, and a night with no change costs reading two small files.
+- A store of another dimension or config fingerprint that this sink has no record of is refused
+  before any write; one it does have a record of (a new model, a new version published) is
+  rebuilt from the output, as it is when the record is lost or unreadable.
+- Shards are read one row group at a time and written in batches of `batch_rows`; transient errors
+  are retried with exponential backoff (`retries`). A store that stays down or refuses fails its
+  sink: the run exits 1 naming it, the Parquet output stays published, and the next run catches up.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import posixpath
 import time
-from collections.abc import Iterable, Iterator
 
-import pyarrow as pa
+import numpy as np
+import pyarrow.parquet as pq
 
-from operators.config import ConfigError, LanceDBSinkConfig
-from operators.storage import read_parquet
+from operators.config import ConfigError
+from operators.storage import PYTHON_FILE_READ, get_fs, redact_text, write_text_atomic
+
+logger = logging.getLogger("corpus_embed.sinks")
+STATE_DIR = "_sinks"
 
 
 class SinkError(RuntimeError):
-    pass
+    """A sink that could not bring its store to the published output; the next run catches up."""
 
 
 def index_config(idx):
-    """The LanceDB index config object for `sinks.lancedb.index` (the keyword form is deprecated)."""
+    """The LanceDB index config object for a lancedb sink's `index` (the keyword form is deprecated)."""
     from lancedb import index as li
 
     kinds = {"ivf_pq": li.IvfPq, "ivf_flat": li.IvfFlat, "ivf_hnsw_sq": li.HnswSq, "ivf_hnsw_pq": li.HnswPq}
@@ -40,123 +53,195 @@ def index_config(idx):
     return kinds[idx.type](**kwargs)
 
 
-def has_table(db, name: str) -> bool:
-    """Whether the database holds table `name` (list_tables pages through the names)."""
-    token = None
-    while True:
-        page = db.list_tables(page_token=token)
-        if name in page.tables:
-            return True
-        token = page.page_token
-        if not token:
-            return False
-
-
-def lance_schema(dimension: int) -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dimension)), ("shard", pa.string())])
-
-
-def shard_rows(fs, path: str, dimension: int) -> pa.Table:
-    """A vector shard as LanceDB rows."""
-    t = read_parquet(fs, path, columns=["id", "embedding"])
-    vec = t.column("embedding").cast(pa.list_(pa.float32(), dimension))
-    shard = pa.array([posixpath.basename(path)] * t.num_rows, pa.string())
-    return pa.Table.from_arrays([t.column("id"), vec, shard], schema=lance_schema(dimension))
-
-
-def _batches(fs, paths: Iterable[str], dimension: int) -> Iterator[pa.RecordBatch]:
-    for p in paths:
-        yield from shard_rows(fs, p, dimension).to_batches()
-
-
-def _quote(ids: list[str]) -> str:
-    return ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
-
-
-def connect(cfg: LanceDBSinkConfig):
-    try:
-        import lancedb
-    except ImportError as e:  # an optional extra
-        raise SinkError("sinks.lancedb needs the lancedb package: pip install 'corpus-embed[lancedb]'") from e
-    options = dict(cfg.storage_options)
-    return lancedb.connect(cfg.uri, storage_options=options or None)
+PACKAGES = {"lancedb": ("lancedb", "lancedb"), "qdrant": ("qdrant_client", "qdrant")}
 
 
 def check_sinks(cfg) -> None:
-    """Before any work: a configured sink's package must be installed."""
-    if cfg.sinks.lancedb.uri:
-        try:
-            import lancedb  # noqa: F401
-        except ImportError as e:
-            raise ConfigError("sinks.lancedb.uri is set but lancedb is not installed: pip install 'corpus-embed[lancedb]'") from e
+    """Before any work: each configured sink's package must be installed."""
+    import importlib.util
+
+    for sink in cfg.sinks:
+        module, extra = PACKAGES[sink.kind]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"sinks: {sink.label} needs the {module} package: pip install 'corpus-embed[{extra}]'")
 
 
-def feed_sinks(cfg, plan, outcome, entries: dict, dimension: int, previous_version: str | None) -> dict | None:
-    """Bring every configured vector store in line with the output folder; their stats, or None."""
-    if not cfg.sinks.lancedb.uri:
+def target_of(sink) -> str:
+    where = getattr(sink, "uri", None) or getattr(sink, "url", None) or getattr(sink, "path", None)
+    return redact_text(f"{sink.kind} {where} {getattr(sink, 'table', None) or getattr(sink, 'collection', '')}".strip())
+
+
+# -- what the store should hold, and what it holds ------------------------------------------------
+
+
+def published_folder(fs, root: str, versioned: bool) -> str | None:
+    """The folder of the published output: CURRENT.json's version, or the output folder itself."""
+    from operators.incremental import read_current
+
+    if not versioned:
+        return root
+    current = read_current(fs, root)
+    return posixpath.join(root, current["version"]) if current else None
+
+
+def desired_shards(fs, folder: str) -> dict[str, str]:
+    """Each vector shard of the published folder and the fingerprint of its file (the manifest's)."""
+    from operators.writers import load_manifest
+
+    out = {}
+    for e in load_manifest(fs, folder).entries.values():
+        mark = e.get("output_fingerprint") or [e.get("config_fingerprint"), e.get("input_fingerprint"), e.get("committed_at")]
+        out[e["output"]] = json.dumps(mark, sort_keys=True, default=str)
+    return out
+
+
+def state_path(root: str, label: str) -> str:
+    return posixpath.join(root, STATE_DIR, f"{label}.json")
+
+
+def read_state(fs, root: str, label: str) -> dict | None:
+    path = state_path(root, label)
+    if not fs.exists(path):
         return None
-    from operators.storage import get_fs
+    try:
+        with fs.open(path, "rb") as f:
+            state = json.loads(f.read())
+        if isinstance(state, dict) and isinstance(state.get("shards"), dict):
+            return state
+        raise ValueError("no shards")
+    except (ValueError, UnicodeDecodeError) as e:
+        logger.warning("%s is damaged (%s): the store is rebuilt from the output", redact_text(path), e)
+        return None
 
-    fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
-    rebuild = bool(plan.version) and previous_version != plan.version  # a new version: a fresh table
-    return {"lancedb": sync_lancedb(
-        cfg.sinks.lancedb, fs, out_dir, sorted(e["output"] for e in entries.values()),
-        [s["output"] for s in outcome.committed.values()], plan.deleted, dimension, rebuild,
-    )}
+
+def write_state(fs, root: str, label: str, state: dict) -> None:
+    write_text_atomic(fs, state_path(root, label), json.dumps(state, sort_keys=True))
 
 
-def sync_lancedb(
-    cfg: LanceDBSinkConfig,
-    fs,
-    out_dir: str,
-    all_shards: list[str],
-    committed: list[str],
-    removed: list[str],
-    dimension: int,
-    rebuild: bool,
-) -> dict:
-    """Bring the LanceDB table in line with the output folder; returns counts for the run report."""
+def shard_batches(fs, path: str, rows: int):
+    """(ids, vectors float32, content hashes) of a vector shard, `rows` at a time: bounded memory."""
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        columns = ["id", "embedding"] + (["content_hash"] if "content_hash" in names else [])
+        for batch in pf.iter_batches(batch_size=rows, columns=columns, **PYTHON_FILE_READ):
+            n = batch.num_rows
+            if not n:
+                continue
+            emb = batch.column("embedding")
+            vectors = np.asarray(emb.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, -1)
+            hashes = batch.column("content_hash").to_pylist() if "content_hash" in columns else [""] * n
+            yield batch.column("id").to_pylist(), vectors, hashes
+
+
+# -- syncing --------------------------------------------------------------------------------------
+
+
+TRANSIENT = (ConnectionError, TimeoutError, OSError)
+
+
+def retrying(call, retries: int, what: str):
+    """`call()`, retried on transient errors (connections, timeouts, a server's 5xx or 429) with
+    exponential backoff, at most `retries` times."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 (sorted below)
+            status = getattr(e, "status_code", None)
+            transient = isinstance(e, TRANSIENT) or type(e).__name__ in ("ResponseHandlingException",) or \
+                (isinstance(status, int) and (status >= 500 or status == 429))
+            if not transient or attempt == retries:
+                raise
+            delay = min(30.0, 0.5 * 2 ** attempt)
+            logger.warning("%s: %s: %s; retrying in %.1f s", what, type(e).__name__, redact_text(str(e))[:200], delay)
+            time.sleep(delay)
+
+
+def sync_sink(sink, fs, root: str, folder: str, fingerprint: str, dimension: int) -> dict:
+    """Bring one store to the published folder's rows (the contract above); returns its stats."""
+    from operators.stores import open_store
+
     started = time.time()
-    db = connect(cfg)
-    schema = lance_schema(dimension)
-    exists = has_table(db, cfg.table)
-    stats: dict = {"table": cfg.table}
-    paths = lambda names: [posixpath.join(out_dir, n) for n in names]  # noqa: E731
-    if rebuild or not exists:
-        table = db.create_table(cfg.table, data=pa.RecordBatchReader.from_batches(schema, _batches(fs, paths(all_shards), dimension)),
-                                schema=schema, mode="overwrite")
-        stats["mode"] = "rebuilt"
-    else:
-        table = db.open_table(cfg.table)
-        if table.schema.field("vector").type != schema.field("vector").type:
-            raise SinkError(
-                f"sinks.lancedb: table {cfg.table} holds {table.schema.field('vector').type} vectors, this run "
-                f"{schema.field('vector').type}; a model change needs output.versioned (which rebuilds) or a new table"
-            )
-        old = 0  # rows of the shards replaced or removed, before: deleted = old - upserted
-        for start in range(0, len(removed), 500):
-            where = f"shard IN ({_quote(removed[start : start + 500])})"
-            old += table.count_rows(where)
-            table.delete(where)
-        upserted = 0
-        for name, p in zip(committed, paths(committed)):
-            rows = shard_rows(fs, p, dimension)
-            where = f"shard = {_quote([name])}"
-            old += table.count_rows(where)
-            table.delete(where)
-            if rows.num_rows:
-                table.add(rows)
-                upserted += rows.num_rows
-        stats.update(mode="incremental", deleted=max(0, old - upserted), upserted=upserted)
-    n = table.count_rows()
-    stats["rows"] = n
-    idx = cfg.index
-    if idx.type != "none" and n >= idx.min_rows:
-        table.create_index("vector", config=index_config(idx), replace=True)
-        from lancedb.index import BTree
+    label, target = sink.label, target_of(sink)
+    do = lambda call, what: retrying(call, sink.retries, f"sinks: {label}: {what}")  # noqa: E731
+    store = open_store(sink)
+    try:
+        want = desired_shards(fs, folder)
+        state = read_state(fs, root, label)
+        held = do(store.describe, "describe")
+        stats = {"kind": sink.kind, "target": target, "mode": "incremental", "shards_upserted": 0, "shards_deleted": 0,
+                 "rows_upserted": 0, "rows_deleted": 0}
+        ours = state is not None and state.get("target") == target
+        if held is not None and held[1] is not None and (held[0] != dimension or held[1] != fingerprint) and not ours \
+                and not str(held[1]).startswith("an earlier layout"):
+            raise SinkError(f"sinks: {label}: {target} holds {held[0]}-dimensional vectors of config {held[1]}, and this output's "
+                            f"are {dimension}-dimensional of config {fingerprint}; this sink has no record of writing them, so "
+                            "nothing was written: point it at another table or collection, or delete that one")
+        fresh = held is None or not ours or state.get("config_fingerprint") != fingerprint or state.get("dimension") != dimension
+        if fresh:  # a store to build (absent, another config of ours, no record of what it holds): from the output
+            do(lambda: store.create(dimension), "create")
+            state = {"target": target, "config_fingerprint": fingerprint, "dimension": dimension, "shards": {}}
+            stats["mode"] = "created" if held is None else "rebuilt"
+            write_state(fs, root, label, state)
+        synced = state["shards"]
+        last_saved = time.time()
+        for name in sorted(set(synced) - set(want)):  # shards gone from the output
+            before = len(do(lambda n=name: store.keys_of(n), "keys"))
+            do(lambda n=name: store.delete_shard(n), "delete")
+            stats["shards_deleted"] += 1
+            stats["rows_deleted"] += before
+            synced.pop(name)
+        for name, mark in sorted(want.items()):
+            if synced.get(name) == mark:
+                continue
+            held_ids = do(lambda n=name: store.keys_of(n), "keys") if not fresh else set()
+            seen: set[str] = set()
+            for ids, vectors, hashes in shard_batches(fs, posixpath.join(folder, name), sink.batch_rows):
+                do(lambda: store.upsert(name, ids, vectors, hashes, fingerprint), "upsert")
+                seen.update(ids)
+                stats["rows_upserted"] += len(ids)
+            stale = sorted(held_ids - seen)
+            if stale:
+                do(lambda n=name, s=stale: store.delete_ids(n, s), "delete")
+                stats["rows_deleted"] += len(stale)
+            synced[name] = mark
+            stats["shards_upserted"] += 1
+            if time.time() - last_saved > 10:  # what is in, recorded as it goes: a crash redoes little
+                write_state(fs, root, label, state)
+                last_saved = time.time()
+        write_state(fs, root, label, state)
+        stats.update(do(store.finish, "index"))
+        stats["rows"] = do(store.count, "count")
+        stats["seconds"] = round(time.time() - started, 2)
+        return stats
+    finally:
+        close = getattr(store, "close", None)
+        if close:
+            close()
 
-        table.create_index("id", config=BTree(), replace=True)
-        table.create_index("shard", config=BTree(), replace=True)
-        stats["index"] = idx.type
-    stats["seconds"] = round(time.time() - started, 2)
+
+def feed_sinks(cfg, fingerprint: str, dimension: int) -> dict | None:
+    """Every configured sink brought to the published output; their stats (a failed sink's say
+    why), or None without sinks. Each sink is tried even when another fails (require_synced then
+    fails the run naming them)."""
+    if not cfg.sinks:
+        return None
+    fs, root = get_fs(cfg.output.uri, cfg.output.storage)
+    folder = published_folder(fs, root, cfg.output.versioned)
+    if folder is None:
+        return {s.label: {"skipped": "nothing published yet"} for s in cfg.sinks}
+    stats = {}
+    for sink in cfg.sinks:
+        try:
+            stats[sink.label] = sync_sink(sink, fs, root, folder, fingerprint, dimension)
+        except Exception as e:  # noqa: BLE001 (every sink is tried; the run then fails naming them)
+            message = e.args[0] if isinstance(e, SinkError) else f"sinks: {sink.label} ({target_of(sink)}): {type(e).__name__}: {e}"
+            stats[sink.label] = {"failed": redact_text(str(message))}
     return stats
+
+
+def require_synced(stats: dict | None) -> None:
+    """SinkError naming every sink that failed (the run exits 1; the next run catches up)."""
+    failed = [s["failed"] for s in (stats or {}).values() if "failed" in s]
+    if failed:
+        raise SinkError("; ".join(failed) + " (the Parquet output stays published; the next run brings the store up to date)")

@@ -27,7 +27,7 @@ from operators.gate import check_gate_data, run_gate
 from operators.incremental import publish_version
 from operators.planning import list_input, plan_run
 from operators.prepare import prepare
-from operators.sinks import check_sinks, feed_sinks
+from operators.sinks import check_sinks, feed_sinks, require_synced
 from operators.writers import WriteOutcome
 
 
@@ -52,7 +52,7 @@ def run(cfg: PipelineConfig, noop: bool = False) -> RunRecord:
                 ds = embed(ds, cfg, prepared, "noop" if noop else "embed", blocks=plan.blocks)
                 outcome = write_shards(ds, cfg, plan, prepared)
                 del ds  # the dataset holds its actor pools, CPUs reserved: let them go before anything below can raise
-        entries = record_outputs(cfg, plan, outcome, record)  # deletions, manifest, counts; raises if incomplete
+        record_outputs(cfg, plan, outcome, record)  # deletions, manifest, counts; raises if incomplete
         if cfg.gate.tasks:
             with record.timed("gate_s"):
                 gate = run_gate(cfg, prepared, ray_embed_fn(cfg, prepared), query_side_for(cfg, prepare, ray_embed_fn))
@@ -60,9 +60,11 @@ def run(cfg: PipelineConfig, noop: bool = False) -> RunRecord:
             gate.require_passed()  # GateError: nothing published
         record.check_lease()  # a run stalled past its lease, taken over meanwhile, publishes nothing
         record.published, record.previous_version = publish_version(cfg, plan, record.run_id)
-        if cfg.sinks.lancedb.uri:
+        if cfg.sinks:
             with record.timed("sinks_s"):
-                record.sinks = feed_sinks(cfg, plan, outcome, entries, prepared.dimension, record.previous_version)
+                record.check_lease()
+                record.sinks = feed_sinks(cfg, prepared.fingerprint, prepared.dimension)  # each store to the published output
+            require_synced(record.sinks)
     return record
 
 

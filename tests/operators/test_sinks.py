@@ -1,4 +1,7 @@
-"""The LanceDB sink on its own: ANN recall against exact search, upserts and deletions."""
+"""The sink contract on the real stores (LanceDB, Qdrant's local mode), without Ray: every sync
+leaves each store holding exactly the published Parquet's rows and vectors (edits, deletions, a
+deleted shard, an id in two shards), whatever failed before; a store of another dimension is
+refused before any write; ANN recall of LanceDB's indexes against exact search."""
 
 from __future__ import annotations
 
@@ -9,9 +12,11 @@ import pyarrow.compute  # noqa: F401
 import pyarrow.parquet as pq
 import pytest
 
-from operators.config import LanceDBSinkConfig
-from operators.sinks import SinkError, sync_lancedb
-from operators.writers import vector_schema
+from operators.config import LanceDBSinkConfig, QdrantSinkConfig
+from operators.sinks import SinkError, read_state, sync_sink
+from operators.storage import file_fingerprint
+from operators.stores import open_store, point_id
+from operators.writers import vector_schema, write_manifest
 
 lancedb = pytest.importorskip("lancedb")
 DIM = 64
@@ -34,6 +39,50 @@ def write_shard(folder, name, ids, vecs):
     return name
 
 
+def publish(folder, shards: dict) -> dict:
+    """An output folder as the writers leave it: each shard's vector file and a manifest entry
+    carrying the file's fingerprint; shards not named are removed. Returns what the Parquet holds."""
+    fs = fsspec.filesystem("file")
+    for old in folder.glob("*.parquet"):
+        if old.name not in shards:
+            old.unlink()
+    entries = {}
+    for name, (ids, vecs) in shards.items():
+        path = folder / name
+        same = path.exists() and pq.read_table(path).column("id").to_pylist() == list(ids) and np.array_equal(
+            np.stack(pq.read_table(path).column("embedding").to_numpy(zero_copy_only=False)), vecs)
+        if not same:  # as the writers do: an unchanged shard's file is left alone
+            write_shard(folder, name, ids, vecs)
+        entries[name] = {"rel": name, "output": name, "input_fingerprint": {}, "config_fingerprint": FP,
+                         "output_fingerprint": file_fingerprint(fs.info(str(folder / name)))}
+    write_manifest(fs, str(folder), entries, FP)
+    return {(name, i): v for name, (ids, vecs) in shards.items() for i, v in zip(ids, vecs)}
+
+
+FP = "fp-test"
+
+
+def sink_of(kind, tmp_path, **kw):
+    if kind == "lancedb":
+        return LanceDBSinkConfig(uri=str(tmp_path / "db"), table="t", **kw)
+    return QdrantSinkConfig(path=str(tmp_path / "qdrant"), collection="t", **kw)
+
+
+def store_rows(sink):
+    store = open_store(sink)
+    try:
+        return store.rows()
+    finally:
+        getattr(store, "close", lambda: None)()
+
+
+def assert_store_equals(sink, want: dict):
+    got = store_rows(sink)
+    assert set(got) == set(want)
+    for key, vec in want.items():
+        np.testing.assert_allclose(got[key], vec, atol=1e-6, err_msg=str(key))
+
+
 def recall_at_10(table, matrix, index_of, queries, nprobes):
     recalls = []
     for q in queries:
@@ -53,12 +102,12 @@ def test_ann_index_recall_at_10_against_exact_search(tmp_path, kind):
     ids = [f"d{i}" for i in range(n)]
     out = tmp_path / "out"
     out.mkdir()
-    names = [write_shard(out, f"part-{k}.parquet", ids[k::4], vecs[k::4]) for k in range(4)]
     cfg = LanceDBSinkConfig(
         uri=str(tmp_path / "db"), table="t",
         index={"type": kind, "metric": "cosine", "num_partitions": 16, "num_sub_vectors": 16, "min_rows": 1000},
     )
-    stats = sync_lancedb(cfg, fsspec.filesystem("file"), str(out), names, names, [], DIM, rebuild=True)
+    publish(out, {f"part-{k}.parquet": (ids[k::4], vecs[k::4]) for k in range(4)})
+    stats = sync_sink(cfg, fsspec.filesystem("file"), str(out), str(out), FP, DIM)
     assert stats["rows"] == n and stats["index"] == kind
     table = lancedb.connect(cfg.uri).open_table("t")
     (index,) = [i for i in table.list_indices() if i.columns == ["vector"]]
@@ -81,52 +130,104 @@ def test_ann_index_recall_at_10_against_exact_search(tmp_path, kind):
     assert partial >= 0.8, partial
 
 
-def test_nightly_sync_keeps_the_table_equal_to_the_parquet(tmp_path):
+KINDS = ["lancedb", "qdrant"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nightly_syncs_keep_the_store_equal_to_the_parquet(tmp_path, kind):
+    """Two nights: edited rows, deleted ids, a new shard with an id another shard holds, a deleted
+    shard; after each sync the store holds exactly the Parquet's rows and vectors, a search returns
+    the Parquet's nearest neighbours, and a night with no change writes nothing."""
     fs = fsspec.filesystem("file")
     out = tmp_path / "out"
     out.mkdir()
     vecs = clustered_vectors(300)
     ids = [f"d{i}" for i in range(300)]
-    a = write_shard(out, "a.parquet", ids[:200], vecs[:200])
-    b = write_shard(out, "b.parquet", ids[200:], vecs[200:])
-    cfg = LanceDBSinkConfig(uri=str(tmp_path / "db"), table="t")
-    sync_lancedb(cfg, fs, str(out), [a, b], [a, b], [], DIM, rebuild=False)  # no table yet: built whole
-    # next night: shard a rewritten with 10 vectors changed and d0..d4 gone
+    sink = sink_of(kind, tmp_path, batch_rows=64)
+    want = publish(out, {"a.parquet": (ids[:200], vecs[:200]), "b.parquet": (ids[200:], vecs[200:])})
+    stats = sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    assert stats["mode"] == "created" and stats["rows_upserted"] == 300 and stats["rows"] == 300
+    assert_store_equals(sink, want)
     changed = vecs[:200].copy()
     changed[10:20] = clustered_vectors(10, seed=7)
-    write_shard(out, "a.parquet", ids[5:200], changed[5:200])
-    stats = sync_lancedb(cfg, fs, str(out), [a, b], [a], [], DIM, rebuild=False)
-    assert stats["mode"] == "incremental" and stats["deleted"] == 5 and stats["upserted"] == 195
-    table = lancedb.connect(cfg.uri).open_table("t").to_arrow()
-    got = dict(zip(table.column("id").to_pylist(), table.column("vector").to_pylist()))
-    assert table.num_rows == len(got) == 295  # exactly one row per id
-    assert set(got) == set(ids[5:])
-    np.testing.assert_allclose(got["d15"], changed[15], atol=1e-7)
-    np.testing.assert_allclose(got["d250"], vecs[250], atol=1e-7)
-
-    # a third shard holds d250 again (the same id in two shards): the table holds both, each with
-    # its own shard's vector, as the Parquet does; removing shard b leaves c's alone
     other = clustered_vectors(1, seed=9)
-    c = write_shard(out, "c.parquet", ["d250"], other)
-    sync_lancedb(cfg, fs, str(out), [a, b, c], [c], [], DIM, rebuild=False)
-    rows = lancedb.connect(cfg.uri).open_table("t").to_arrow().filter(pa.compute.equal(pa.compute.field("id"), "d250")).to_pylist()
-    by_shard = {r["shard"]: r["vector"] for r in rows}
-    assert len(rows) == 2 and set(by_shard) == {"b.parquet", "c.parquet"}
-    np.testing.assert_allclose(by_shard["b.parquet"], vecs[250], atol=1e-7)
-    np.testing.assert_allclose(by_shard["c.parquet"], other[0], atol=1e-7)
-    (out / b).unlink()
-    stats = sync_lancedb(cfg, fs, str(out), [a, c], [], [b], DIM, rebuild=False)
-    table = lancedb.connect(cfg.uri).open_table("t").to_arrow()
-    assert stats["deleted"] == 100 and table.num_rows == 196
-    assert table.filter(pa.compute.equal(pa.compute.field("id"), "d250")).column("shard").to_pylist() == ["c.parquet"]
+    want = publish(out, {"a.parquet": (ids[5:200], changed[5:200]), "b.parquet": (ids[200:], vecs[200:]),
+                         "c.parquet": (["d250"], other)})
+    stats = sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    assert (stats["mode"], stats["shards_upserted"], stats["rows_deleted"]) == ("incremental", 2, 5)
+    assert_store_equals(sink, want)  # d250 twice: b's vector and c's, as the Parquet holds them
+    want = publish(out, {"a.parquet": (ids[5:200], changed[5:200]), "c.parquet": (["d250"], other)})
+    stats = sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    assert (stats["shards_deleted"], stats["rows_deleted"], stats["rows"]) == (1, 100, 196)
+    assert_store_equals(sink, want)
+    quiet = sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    assert (quiet["shards_upserted"], quiet["shards_deleted"], quiet["rows_upserted"]) == (0, 0, 0)
+    store = open_store(sink)
+    try:
+        matrix = np.stack(list(want.values()))
+        keys = list(want)
+        for q in clustered_vectors(5, seed=3):
+            exact = [keys[i][1] for i in np.argsort(-(matrix @ q))[:5]]
+            assert store.search(q, 5) == exact  # exact search: the Parquet's nearest neighbours, in order
+    finally:
+        getattr(store, "close", lambda: None)()
 
 
-def test_a_table_of_another_dimension_is_refused(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_sync_that_fails_midway_is_finished_by_the_next(tmp_path, kind, monkeypatch):
+    """The store refuses a write after a shard's first batch (a changed shard half rewritten): the
+    sync fails, its record keeps the shard as it was, and the next sync brings the store to exactly
+    the Parquet's rows."""
+    import operators.stores as stores
+
     fs = fsspec.filesystem("file")
     out = tmp_path / "out"
     out.mkdir()
-    a = write_shard(out, "a.parquet", ["x", "y"], clustered_vectors(2))
-    cfg = LanceDBSinkConfig(uri=str(tmp_path / "db"), table="t")
-    sync_lancedb(cfg, fs, str(out), [a], [a], [], DIM, rebuild=False)
-    with pytest.raises(SinkError, match="output.versioned"):
-        sync_lancedb(cfg, fs, str(out), [a], [a], [], DIM * 2, rebuild=False)
+    vecs = clustered_vectors(200)
+    ids = [f"d{i}" for i in range(200)]
+    sink = sink_of(kind, tmp_path, batch_rows=50, retries=0)
+    publish(out, {"a.parquet": (ids[:100], vecs[:100]), "b.parquet": (ids[100:], vecs[100:])})
+    sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    want = publish(out, {"a.parquet": (ids[10:100], clustered_vectors(90, seed=4)), "b.parquet": (ids[100:], vecs[100:])})
+    cls = type(open_store(sink))
+    real, calls = cls.upsert, []
+
+    def refusing(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise PermissionError("the store refused the write")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(cls, "upsert", refusing)
+    with pytest.raises(PermissionError):
+        sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    monkeypatch.setattr(cls, "upsert", real)
+    assert read_state(fs, str(out), sink.label)["shards"]["a.parquet"] != json_mark(fs, out, "a.parquet")
+    sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    assert_store_equals(sink, want)
+
+
+def json_mark(fs, out, name):
+    import json
+
+    return json.dumps(file_fingerprint(fs.info(str(out / name))), sort_keys=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_foreign_store_of_another_dimension_is_refused_before_any_write(tmp_path, kind):
+    fs = fsspec.filesystem("file")
+    out = tmp_path / "out"
+    out.mkdir()
+    publish(out, {"a.parquet": (["x", "y"], clustered_vectors(2))})
+    sink = sink_of(kind, tmp_path)
+    store = open_store(sink)
+    store.create(DIM * 2)  # someone else's table or collection
+    store.upsert("s", ["z"], np.ones((1, DIM * 2), np.float32), [""], "another-config")
+    getattr(store, "close", lambda: None)()
+    with pytest.raises(SinkError, match=r"holds 128-dimensional vectors of config another-config.*nothing was written"):
+        sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    assert set(store_rows(sink)) == {("s", "z")}
+
+
+def test_point_ids_are_deterministic_per_shard_and_id():
+    assert point_id("a.parquet", "d1") == point_id("a.parquet", "d1") != point_id("b.parquet", "d1")

@@ -662,6 +662,92 @@ def test_two_nightly_runs_reembed_only_what_changed(ray_local, tmp_path, minilm_
     assert third.counts.shards_embedded == 0 and third.counts.rows_deleted == 0 and third.counts.shards_unchanged == 4
 
 
+def parquet_rows(folder) -> dict:
+    """(shard, id) -> vector of every vector shard in an output folder."""
+    out = {}
+    for path in folder.glob("*.parquet"):
+        t = pq.read_table(path)
+        out.update(((path.name, i), np.asarray(v, np.float32)) for i, v in zip(t.column("id").to_pylist(), t.column("embedding").to_pylist()))
+    return out
+
+
+def assert_sinks_hold_the_parquet(cfg, folder):
+    from operators.stores import open_store
+
+    want = parquet_rows(folder)
+    for sink in cfg.sinks:
+        store = open_store(sink)
+        try:
+            got = store.rows()
+        finally:
+            getattr(store, "close", lambda: None)()
+        assert set(got) == set(want), (sink.kind, len(got), len(want))
+        for key, vec in want.items():
+            np.testing.assert_allclose(got[key], vec, atol=1e-6)
+
+
+def test_sinks_converge_to_the_parquet_whatever_failed(ray_local, tmp_path, tiny_bert, monkeypatch):
+    """Issue 27's three losses, for LanceDB and Qdrant: (a) a run killed after its vector files were
+    committed, before the sinks; (b) a store that refuses a write mid-sync; (c) an input shard
+    removed while _deletions/ cannot be written. Each run after brings every store to exactly the
+    Parquet's rows, and every deleted id is in a deletions file before its vector file goes."""
+    import pyarrow as pa
+
+    import operators.bookkeeping as bookkeeping
+    import operators.sinks as sinks_module
+    from operators.sinks import SinkError
+    from operators.stores import QdrantStore
+
+    corpus = tmp_path / "corpus"
+    shards = corpus_v1(corpus)
+    out = tmp_path / "out"
+    sinks = f"sinks=[{{kind: lancedb, uri: '{tmp_path / 'lance'}'}}, {{kind: qdrant, path: '{tmp_path / 'qdrant'}', batch_rows: 8}}]"
+    cfg, _ = config(tmp_path, corpus, out, tiny_bert, sinks)
+    run(cfg)
+    assert_sinks_hold_the_parquet(cfg, out)
+
+    # (a) new, edited, removed and deleted documents; the run dies after committing them, before the sinks
+    edited, deleted, added = change_corpus(corpus, shards)
+    monkeypatch.setattr(sinks_module, "sync_sink", lambda *a, **k: (_ for _ in ()).throw(SystemExit("killed")))
+    with pytest.raises(SystemExit):
+        run(cfg)
+    monkeypatch.undo()
+    again = run(cfg)  # nothing to embed: the sinks still catch up
+    assert again.counts.shards_embedded == 0 and again.sinks["qdrant"]["shards_upserted"] >= 2
+    assert_sinks_hold_the_parquet(cfg, out)
+
+    # (b) the store refuses a write after the first batch of a changed shard
+    write_jsonl(corpus / "part-0.jsonl", [{"id": f"s0-{i}", "text": f"rewritten {i}"} for i in range(ROWS)])
+    real, calls = QdrantStore.upsert, []
+
+    def refusing(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise PermissionError("refused")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(QdrantStore, "upsert", refusing)
+    with pytest.raises(SinkError, match=r"sinks: qdrant .*PermissionError: refused.*the next run brings the store up to date"):
+        run(cfg)
+    monkeypatch.undo()
+    run(cfg)
+    assert_sinks_hold_the_parquet(cfg, out)
+
+    # (c) a shard removed while the deletions file cannot be written: its vector file stays until it can
+    gone = sorted(corpus.glob("*.jsonl"))[0]
+    gone_ids = {json.loads(line)["id"] for line in gone.read_text().splitlines()}
+    gone.unlink()
+    monkeypatch.setattr(bookkeeping, "write_deletions", lambda *a, **k: (_ for _ in ()).throw(OSError("_deletions/ not writable")))
+    with pytest.raises(Exception, match="not writable"):
+        run(cfg)
+    monkeypatch.undo()
+    assert len(list(out.glob("*.parquet"))) == len(list(corpus.glob("*.jsonl"))) + 1  # not removed unrecorded
+    last = run(cfg)
+    recorded = set(pa.concat_tables([pq.read_table(p) for p in (out / "_deletions").glob("*.parquet")]).column("id").to_pylist())
+    assert gone_ids <= recorded and last.counts.shards_deleted == 1
+    assert_sinks_hold_the_parquet(cfg, out)
+
+
 def test_a_config_change_writes_a_new_version_that_the_gate_can_hold_back(ray_local, tmp_path, tiny_bert):
     """v1 published; a new config (cls pooling) writes its own version folder, every shard anew,
     and a failing quality gate keeps it unpublished; without the floor it is published and the old
