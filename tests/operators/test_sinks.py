@@ -178,7 +178,7 @@ def test_a_sync_that_fails_midway_is_finished_by_the_next(tmp_path, kind, monkey
     """The store refuses a write after a shard's first batch (a changed shard half rewritten): the
     sync fails, its record keeps the shard as it was, and the next sync brings the store to exactly
     the Parquet's rows."""
-    import operators.stores as stores
+    from operators.stores import LanceStore, QdrantStore
 
     fs = fsspec.filesystem("file")
     out = tmp_path / "out"
@@ -189,7 +189,7 @@ def test_a_sync_that_fails_midway_is_finished_by_the_next(tmp_path, kind, monkey
     publish(out, {"a.parquet": (ids[:100], vecs[:100]), "b.parquet": (ids[100:], vecs[100:])})
     sync_sink(sink, fs, str(out), str(out), FP, DIM)
     want = publish(out, {"a.parquet": (ids[10:100], clustered_vectors(90, seed=4)), "b.parquet": (ids[100:], vecs[100:])})
-    cls = type(open_store(sink))
+    cls = {"lancedb": LanceStore, "qdrant": QdrantStore}[kind]
     real, calls = cls.upsert, []
 
     def refusing(self, *a, **k):
