@@ -51,11 +51,23 @@ def readable(task) -> bool:
     return task_type(task) != "other" and list(task.hf_subsets) == ["default"]
 
 
-def _split_file(sources: Sources, task, split: str) -> str:
+def layout(task) -> dict[str, list[str]]:
+    """Where each part of a readable task's data may lie in its Hub repo: part -> candidate files,
+    the first present wins. STS and classification: one JSON-lines file per split (classification's
+    training split too); retrieval: BEIR's corpus, queries and qrels/<split>.tsv."""
+    splits = list(task.eval_splits)
+    if task_type(task) == "retrieval":
+        return {"corpus": ["corpus.jsonl", "corpus.jsonl.gz"], "queries": ["queries.jsonl", "queries.jsonl.gz"],
+                **{f"qrels/{s}": [f"qrels/{s}.tsv"] for s in splits}}
+    if task_type(task) == "classification":
+        splits = list(dict.fromkeys([getattr(task, "train_split", "train"), *splits]))
+    return {s: [f"{s}.jsonl.gz", f"{s}.jsonl", f"data/{s}.jsonl.gz", f"data/{s}.jsonl"] for s in splits}
+
+
+def task_files(task, sources: Sources) -> dict:
+    """Each part of the task's data (layout) as the SourceFile present at the source or mirror."""
     repo, rev = task.metadata.dataset["path"], task.metadata.dataset["revision"]
-    name = task.metadata.name
-    f = first_present(sources, repo, rev, [f"{split}.jsonl.gz", f"{split}.jsonl", f"data/{split}.jsonl.gz", f"data/{split}.jsonl"], name)
-    return sources.path(f, name)
+    return {part: first_present(sources, repo, rev, names, task.metadata.name) for part, names in layout(task).items()}
 
 
 def _dataset(rows: list[dict], path: str, need: tuple[str, ...]):
@@ -82,41 +94,36 @@ def load_mteb_task(name: str, sources: Sources):
                               "and this one only through mteb's own loader, which needs the Hub: unset the mirror where the Hub is reachable")
         task.load_data()
         return task
+    paths = {part: sources.path(f, name) for part, f in task_files(task, sources).items()}
     splits = list(task.eval_splits)
     if kind == "sts":
-        task.dataset = DatasetDict({s: _dataset(read_jsonl(p := _split_file(sources, task, s)), p, (*task.column_names, "score")) for s in splits})
+        need = (*task.column_names, "score")
+        task.dataset = DatasetDict({s: _dataset(read_jsonl(paths[s]), paths[s], need) for s in splits})
     elif kind == "classification":
         need = (task.input_column_name if isinstance(task.input_column_name, str) else "text", task.label_column_name)
-        wanted = dict.fromkeys([getattr(task, "train_split", "train"), *splits])
-        task.dataset = DatasetDict({s: _dataset(read_jsonl(p := _split_file(sources, task, s)), p, need) for s in wanted})
+        task.dataset = DatasetDict({s: _dataset(read_jsonl(p), p, need) for s, p in paths.items()})
     else:
-        task.dataset = {"default": {s: retrieval_split(sources, task, s) for s in splits}}
+        corpus, queries = retrieval_corpus(paths["corpus"], paths["queries"])  # read once, whatever the splits
+        task.dataset = {"default": {s: {"corpus": corpus, "queries": queries, "relevant_docs": read_qrels(paths[f"qrels/{s}"]),
+                                        "top_ranked": None} for s in splits}}
     task.dataset_transform()
     task.data_loaded = True
     return task
 
 
-def retrieval_split(sources: Sources, task, split: str) -> dict:
-    """A BEIR-layout retrieval repo (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) as mteb's
-    RetrievalSplitData: ids as strings, the corpus with title and text."""
+def retrieval_corpus(corpus_path: str, queries_path: str) -> tuple:
+    """BEIR's corpus and queries files as the Datasets of mteb's RetrievalSplitData: ids as
+    strings, the corpus with title and text."""
     from datasets import Dataset
 
-    repo, rev, name = task.metadata.dataset["path"], task.metadata.dataset["revision"], task.metadata.name
-    corpus_path = sources.path(first_present(sources, repo, rev, ["corpus.jsonl", "corpus.jsonl.gz"], name), name)
-    queries_path = sources.path(first_present(sources, repo, rev, ["queries.jsonl", "queries.jsonl.gz"], name), name)
-    qrels = read_qrels(sources.path(first_present(sources, repo, rev, [f"qrels/{split}.tsv"], name), name))
     corpus = read_jsonl(corpus_path)
     queries = read_jsonl(queries_path)
     for rows, path in ((corpus, corpus_path), (queries, queries_path)):
         if rows and not {"_id", "text"} <= set(rows[0]):
             raise EvalDataError(f"{path}: rows lack _id and text (have {', '.join(rows[0])})")
-    return {
-        "corpus": Dataset.from_dict({"id": [str(r["_id"]) for r in corpus], "title": [r.get("title") or "" for r in corpus],
-                                     "text": [r["text"] or "" for r in corpus]}),
-        "queries": Dataset.from_dict({"id": [str(r["_id"]) for r in queries], "text": [r["text"] for r in queries]}),
-        "relevant_docs": qrels,
-        "top_ranked": None,
-    }
+    return (Dataset.from_dict({"id": [str(r["_id"]) for r in corpus], "title": [r.get("title") or "" for r in corpus],
+                               "text": [r["text"] or "" for r in corpus]}),
+            Dataset.from_dict({"id": [str(r["_id"]) for r in queries], "text": [r["text"] for r in queries]}))
 
 
 def document_text(title: str | None, text: str) -> str:
@@ -217,12 +224,4 @@ def mteb_task_files(name: str, sources: Sources) -> list:
     task = get_task(name)
     if not readable(task):
         raise SourceError(f"{name}: read by mteb's own loader from the Hub; it has no mirror layout here")
-    repo, rev = task.metadata.dataset["path"], task.metadata.dataset["revision"]
-    splits = list(task.eval_splits)
-    if task_type(task) == "classification":
-        splits = list(dict.fromkeys([getattr(task, "train_split", "train"), *splits]))
-    if task_type(task) == "retrieval":
-        names = [["corpus.jsonl", "corpus.jsonl.gz"], ["queries.jsonl", "queries.jsonl.gz"], *[[f"qrels/{s}.tsv"] for s in splits]]
-    else:
-        names = [[f"{s}.jsonl.gz", f"{s}.jsonl", f"data/{s}.jsonl.gz", f"data/{s}.jsonl"] for s in splits]
-    return [first_present(sources, repo, rev, n, name) for n in names]
+    return list(task_files(task, sources).values())
