@@ -156,11 +156,12 @@ class Sources:
             if not os.path.isfile(path):
                 raise SourceError(f"{task}: {f.label} is not in {self.where}: no file {path}. "
                                   f"Fill it with: python pipelines/fill_mirror.py --mirror {redact_text(self.mirror)}")
+            digest = sha256_of(path) if want else None
+            if want and digest != want:
+                raise SourceError(f"{task}: {path} ({f.label}, from {self.where}) has SHA-256 {digest}, "
+                                  f"expected {want}: a damaged or different file; refill the mirror")
         else:
-            path = self._download(f, uri, want, task)
-        if want and sha256_of(path) != want:
-            raise SourceError(f"{task}: {path} ({f.label}, from {self.where}) has SHA-256 {sha256_of(path)}, "
-                              f"expected {want}: a damaged or different file; refill the mirror or clear it from the cache")
+            path = self._download(f, uri, want, task)  # checked as it is downloaded, or its cached copy checked
         self._checked[key] = path
         return path
 
@@ -192,13 +193,10 @@ class Sources:
                         log.info("%s: %s %d%%", task, f.path, 100 * done // size)
         except Exception as e:
             tmp.unlink(missing_ok=True)
-            cause = e.__cause__ or e.__context__  # fsspec's HTTP filesystem reports a refused connection as FileNotFoundError
-            if isinstance(e, FileNotFoundError) and not isinstance(cause, OSError):
+            why = network_error(e)
+            if why is None:
                 raise SourceError(f"{task}: {f.label} not found at {redact_text(uri)} ({self.where})") from e
-            why = cause if isinstance(e, FileNotFoundError) else e  # network, credentials, an unknown protocol
-            raise SourceError(f"{task}: cannot read {f.label} from {self.where} at {redact_text(uri)}: "
-                              f"{type(why).__name__}: {redact_text(str(why))[:300]}. Without network access, set "
-                              f"{MIRROR_SETTING} to a mirror (python pipelines/fill_mirror.py fills one)") from e
+            raise self._unreachable(task, f"cannot read {f.label} from {self.where} at {redact_text(uri)}", why) from e
         digest = sha256_of(str(tmp))
         if want and digest != want:
             tmp.unlink(missing_ok=True)
@@ -217,14 +215,26 @@ class Sources:
             fs, path = fsspec.core.url_to_fs(uri, **self._options(uri))
             return fs.info(path).get("type") != "directory"
         except Exception as e:
-            cause = e.__cause__ or e.__context__  # fsspec's HTTP filesystem reports a refused connection as FileNotFoundError
-            if isinstance(e, FileNotFoundError) and not isinstance(cause, OSError):
+            why = network_error(e)
+            if why is None:
                 return False
-            why = cause if isinstance(e, FileNotFoundError) else e
             offline = " (HF_HUB_OFFLINE is set: the Hub is not asked)" if uri.startswith("hf://") and os.environ.get("HF_HUB_OFFLINE") else ""
-            raise SourceError(f"{task}: cannot reach {self.where} for {f.label}{offline}: {type(why).__name__}: "
-                              f"{redact_text(str(why))[:300]}. Without network access, set {MIRROR_SETTING} to a mirror "
-                              "(python pipelines/fill_mirror.py fills one)") from e
+            raise self._unreachable(task, f"cannot reach {self.where} for {f.label}{offline}", why) from e
+
+    @staticmethod
+    def _unreachable(task: str, what: str, why: BaseException) -> SourceError:
+        return SourceError(f"{task}: {what}: {type(why).__name__}: {redact_text(str(why))[:300]}. Without network access, "
+                           f"set {MIRROR_SETTING} to a mirror (python pipelines/fill_mirror.py fills one)")
+
+
+def network_error(e: BaseException) -> BaseException | None:
+    """What kept a source from answering (network, credentials, an unknown protocol), or None when
+    `e` says the file is simply not there. fsspec's HTTP filesystem reports a refused connection as
+    FileNotFoundError, its cause an OSError."""
+    if isinstance(e, FileNotFoundError):
+        cause = e.__cause__ or e.__context__
+        return cause if isinstance(cause, OSError) else None
+    return e
 
 
 def fill_mirror(sources: Sources, dest: str, files: list[tuple[str, SourceFile]], storage: StorageConfig | None = None, log_fn=log.info) -> dict:
