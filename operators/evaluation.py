@@ -231,23 +231,21 @@ class PartWriter:
 
 def score(cfg: PipelineConfig, data: dict, vec, mteb_dir: str | None = None, meta=None) -> dict:
     """Per-task scores x 100 ({tasks: {name: {score, metric, protocol, ...}}, sts_avg}).
-    `vec(texts)` returns their embeddings, or `vec(texts, side)` where queries differ; MTEB's
-    tasks are scored by mteb itself, its results written under `mteb_dir` (a temporary folder
-    when none) as `meta` (mteb_tasks.model_meta)."""
+    `vec(texts, side)` returns their embeddings (side: QUERY for retrieval queries, else
+    DOCUMENT); MTEB's tasks are scored by mteb itself, its results written under `mteb_dir` (a
+    temporary folder when none) as `meta` (mteb_tasks.model_meta)."""
+    import contextlib
     import tempfile
-
-    def lookup(side: str, texts: list[str]) -> np.ndarray:
-        return vec(texts, side) if getattr(vec, "sided", False) else vec(texts)
 
     tasks: dict = {}
     mteb_tasks = [value for value in data.values() if not isinstance(value, Labelled)]
     if mteb_tasks:
-        with tempfile.TemporaryDirectory() as tmp:
-            encoder = LookupEncoder(lookup, meta or model_meta(cfg.model.name, "unnamed", None))
-            tasks.update(run_mteb(mteb_tasks, encoder, mteb_dir or tmp))
+        with contextlib.nullcontext(mteb_dir) if mteb_dir else tempfile.TemporaryDirectory() as folder:
+            encoder = LookupEncoder(lambda side, texts: vec(texts, side), meta or model_meta(cfg.model.name, "unnamed", None))
+            tasks.update(run_mteb(mteb_tasks, encoder, folder))
     for task, value in data.items():
         if isinstance(value, Labelled):
-            tasks[task] = own_score(task, value, lambda t: lookup(DOCUMENT, t), cfg.eval.folds)
+            tasks[task] = own_score(task, value, lambda t: vec(t, DOCUMENT), cfg.eval.folds)
     tasks = {t: tasks[t] for t in data}  # in the order asked
     out: dict = {"tasks": tasks}
     if all(t in tasks for t in STS_SEVEN):
@@ -334,7 +332,6 @@ def evaluate(cfg: PipelineConfig, prepared, embed_fn: EmbedFn, cache_root: str, 
                 table.update(zip(keys, np.asarray(emb, dtype=np.float32)))
         return np.stack([table[text_key(t)] for t in batch])
 
-    vec.sided = True
     p = prepared.provenance
     meta = model_meta(cfg.model.name, prepared.fingerprint, p["dimension"])
     results = score(cfg, data, vec, mteb_dir, meta)

@@ -459,7 +459,7 @@ def run_sweep(sweep: Sweep, prepare_fn, embed_fn_for, output: str, log=None) -> 
             h = g.head_of(v)
             post = PostProcessor(v.cfg.postprocess_steps(), fits.get(h), numpy=True) if v.cfg.postprocess_steps() else None
 
-            def vec(batch, h=h, post=post):
+            def vec(batch, side=None, *, h=h, post=post):  # one pass embeds queries and documents alike
                 x = np.stack([vectors[text_key(t)][h * d:(h + 1) * d] for t in batch])
                 return post(x) if post is not None else x
 
