@@ -137,7 +137,9 @@ def shard_batches(fs, path: str, rows: int):
 # -- syncing --------------------------------------------------------------------------------------
 
 
-TRANSIENT = (ConnectionError, TimeoutError, OSError)
+# A dropped or refused connection, a timeout: worth another try. A refused write (PermissionError), a
+# missing file or a bad request is not: it fails the sink at once, and the next run catches up.
+TRANSIENT = (ConnectionError, TimeoutError)
 
 
 def retrying(call, retries: int, what: str):

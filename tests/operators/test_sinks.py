@@ -231,3 +231,30 @@ def test_a_foreign_store_of_another_dimension_is_refused_before_any_write(tmp_pa
 
 def test_point_ids_are_deterministic_per_shard_and_id():
     assert point_id("a.parquet", "d1") == point_id("a.parquet", "d1") != point_id("b.parquet", "d1")
+
+
+def test_transient_errors_are_retried_and_refusals_are_not():
+    from operators.sinks import retrying
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("dropped")
+        return "ok"
+
+    assert retrying(flaky, retries=2, what="t") == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(ConnectionResetError):
+        retrying(flaky, retries=1, what="t")  # the bound: two tries, both dropped
+    assert len(calls) == 2
+
+    def refusing():
+        calls.append(1)
+        raise PermissionError("refused")
+
+    calls.clear()
+    with pytest.raises(PermissionError):
+        retrying(refusing, retries=3, what="t")
+    assert len(calls) == 1  # a refusal is not retried
