@@ -490,6 +490,20 @@ def make_pairs(path, n: int = 20):
     return path
 
 
+def refuse_after(monkeypatch, cls, method: str, allowed: int, error: Exception) -> None:
+    """A store that lets `allowed` calls of `method` through, then raises `error` on every one
+    after (a write refused mid-sync); monkeypatch.undo() puts the real method back."""
+    real, calls = getattr(cls, method), []
+
+    def refusing(self, *a, **k):
+        calls.append(1)
+        if len(calls) > allowed:
+            raise error
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(cls, method, refusing)
+
+
 def bag_of_words(dim: int = 64, batch: int = 16, calls: list | None = None):
     """A real, deterministic embedding function for evaluation tests without a model or Ray: the
     sum of per-word random vectors (seeded by the word). `calls` collects each call's text count."""

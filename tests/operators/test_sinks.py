@@ -17,6 +17,7 @@ from operators.sinks import SinkError, read_state, sync_sink
 from operators.storage import file_fingerprint
 from operators.stores import open_store, point_id
 from operators.writers import vector_schema, write_manifest
+from tests.helpers import refuse_after
 
 lancedb = pytest.importorskip("lancedb")
 DIM = 64
@@ -190,18 +191,10 @@ def test_a_sync_that_fails_midway_is_finished_by_the_next(tmp_path, kind, monkey
     sync_sink(sink, fs, str(out), str(out), FP, DIM)
     want = publish(out, {"a.parquet": (ids[10:100], clustered_vectors(90, seed=4)), "b.parquet": (ids[100:], vecs[100:])})
     cls = {"lancedb": LanceStore, "qdrant": QdrantStore}[kind]
-    real, calls = cls.upsert, []
-
-    def refusing(self, *a, **k):
-        calls.append(1)
-        if len(calls) > 1:
-            raise PermissionError("the store refused the write")
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(cls, "upsert", refusing)
+    refuse_after(monkeypatch, cls, "upsert", 1, PermissionError("the store refused the write"))
     with pytest.raises(PermissionError):
         sync_sink(sink, fs, str(out), str(out), FP, DIM)
-    monkeypatch.setattr(cls, "upsert", real)
+    monkeypatch.undo()
     assert read_state(fs, str(out), sink.label)["shards"]["a.parquet"] != json_mark(fs, out, "a.parquet")
     sync_sink(sink, fs, str(out), str(out), FP, DIM)
     assert_store_equals(sink, want)

@@ -59,6 +59,7 @@ from tests.helpers import (
     make_bench,
     make_corpus,
     random_faults,
+    refuse_after,
     read_vectors,
     sample_sentences,
     write_jsonl,
@@ -718,15 +719,7 @@ def test_sinks_converge_to_the_parquet_whatever_failed(ray_local, tmp_path, tiny
 
     # (b) the store refuses a write after the first batch of a changed shard
     write_jsonl(corpus / "part-0.jsonl", [{"id": f"s0-{i}", "text": f"rewritten {i}"} for i in range(ROWS)])
-    real, calls = QdrantStore.upsert, []
-
-    def refusing(self, *a, **k):
-        calls.append(1)
-        if len(calls) > 1:
-            raise PermissionError("refused")
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(QdrantStore, "upsert", refusing)
+    refuse_after(monkeypatch, QdrantStore, "upsert", 1, PermissionError("refused"))
     with pytest.raises(SinkError, match=r"sinks: qdrant .*PermissionError: refused.*the next run brings the store up to date"):
         run(cfg)
     monkeypatch.undo()
