@@ -76,7 +76,7 @@ _SECRET_FIELDS = re.compile(
 _BEARER = re.compile(r"(?P<k>\b(?:Bearer|Basic)\s+)(?P<v>[A-Za-z0-9._~+/=-]{8,})")
 
 
-_KNOWN_SECRETS: set[str] = set()
+_KNOWN_SECRETS: list[str] = []  # the registered credentials, longest first
 
 
 def register_secrets(value: str, whole: bool = False) -> None:
@@ -85,16 +85,19 @@ def register_secrets(value: str, whole: bool = False) -> None:
     library echoes them (botocore quotes a bucket name cut at the secret's first '/'). Kept: the
     whole userinfo, the password, its '/'-separated pieces of 8+ characters, and a user name of
     16+ (an access key id); a short user name ('user', 'reader') is no secret and stays."""
+    found = set()
     for m in _URI_USERINFO.finditer(value):
         user, _, password = m.group("cred").partition(":")
-        _KNOWN_SECRETS.add(m.group("cred"))
+        found.add(m.group("cred"))
         if len(user) >= 16:
-            _KNOWN_SECRETS.add(user)
+            found.add(user)
         if len(password) >= 4:
-            _KNOWN_SECRETS.add(password)
-        _KNOWN_SECRETS.update(p for p in password.split("/") if len(p) >= 8)
+            found.add(password)
+        found.update(p for p in password.split("/") if len(p) >= 8)
     if whole and len(value) >= 8:
-        _KNOWN_SECRETS.add(value)
+        found.add(value)
+    if found - set(_KNOWN_SECRETS):
+        _KNOWN_SECRETS[:] = sorted(found | set(_KNOWN_SECRETS), key=len, reverse=True)
 
 
 def redact_uri(uri: str) -> str:
@@ -113,11 +116,8 @@ def redact_text(text: str, *uris: str) -> str:
     for uri in uris:
         for m in _URI_USERINFO.finditer(uri):
             text = text.replace(m.group("cred"), "***")
-    text = _URI_USERINFO.sub(r"\g<scheme>***@", text)
-    text = _BARE_USERINFO.sub("***@", text)
-    text = _SECRET_FIELDS.sub(r"\g<k>***", text)
-    text = _BEARER.sub(r"\g<k>***", text)
-    for secret in sorted(_KNOWN_SECRETS, key=len, reverse=True):
+    text = _BEARER.sub(r"\g<k>***", redact_uri(text))
+    for secret in _KNOWN_SECRETS:  # longest first: a secret's pieces never split a longer one
         if secret in text:
             text = text.replace(secret, "***")
     return text
