@@ -333,7 +333,27 @@ class QdrantSinkConfig(_SinkBase):
         return self
 
 
-SinkConfig = Annotated[LanceDBSinkConfig | QdrantSinkConfig, Field(discriminator="kind")]
+class MilvusSinkConfig(_SinkBase):
+    kind: Literal["milvus"] = "milvus"
+    uri: str  # a server (http://milvus:19530, a Zilliz Cloud endpoint) or a Milvus Lite file (a path ending .db)
+    token: str | None = None  # "user:password" or an API key, redacted everywhere; None: the environment's MILVUS_TOKEN
+    collection: str = "embeddings"
+    metric: Literal["cosine", "ip", "l2"] = "cosine"
+    index: Literal["autoindex", "flat", "hnsw", "ivf_flat"] = "autoindex"  # the vector index, built at creation
+    timeout: int = Field(60, ge=1)
+
+    @property
+    def lite(self) -> bool:
+        return "://" not in self.uri
+
+    @model_validator(mode="after")
+    def _lite_file(self) -> "MilvusSinkConfig":
+        if self.lite and not self.uri.endswith(".db"):
+            raise ValueError(f"a milvus sink's uri is a server (http://host:19530) or a Milvus Lite file ending .db, got {self.uri!r}")
+        return self
+
+
+SinkConfig = Annotated[LanceDBSinkConfig | QdrantSinkConfig | MilvusSinkConfig, Field(discriminator="kind")]
 
 
 class PipelineConfig(_Strict):

@@ -1,6 +1,6 @@
 """Vector store sinks: each store converges to the published Parquet output.
 
-The contract, the same for every store (stores.py: LanceDB, Qdrant):
+The contract, the same for every store (stores.py: LanceDB, Qdrant, Milvus):
 - What a store should hold is read from the published output, never from what this run did: the
   manifest of the published folder (`CURRENT.json`'s version with output.versioned, else the
   output folder) lists every vector shard with its file's fingerprint (size + ETag/mtime).
@@ -53,16 +53,18 @@ def index_config(idx):
     return kinds[idx.type](**kwargs)
 
 
-PACKAGES = {"lancedb": ("lancedb", "lancedb"), "qdrant": ("qdrant_client", "qdrant")}
+PACKAGES = {"lancedb": ("lancedb", "lancedb"), "qdrant": ("qdrant_client", "qdrant"), "milvus": ("pymilvus", "milvus")}
 
 
 def check_sinks(cfg) -> None:
-    """Before any work: each configured sink's package must be installed."""
+    """Before any work: each configured sink's packages must be installed."""
     import importlib.util
 
     for sink in cfg.sinks:
         module, extra = PACKAGES[sink.kind]
-        if importlib.util.find_spec(module) is None:
+        lite = sink.kind == "milvus" and sink.lite and importlib.util.find_spec("milvus_lite") is None
+        if importlib.util.find_spec(module) is None or lite:
+            module = "milvus-lite" if lite else module
             raise ConfigError(f"sinks: {sink.label} needs the {module} package: pip install 'corpus-embed[{extra}]'")
 
 
@@ -137,9 +139,19 @@ def shard_batches(fs, path: str, rows: int):
 # -- syncing --------------------------------------------------------------------------------------
 
 
-# A dropped or refused connection, a timeout: worth another try. A refused write (PermissionError), a
-# missing file or a bad request is not: it fails the sink at once, and the next run catches up.
+# A dropped or refused connection, a timeout, a server's 5xx or 429 (Milvus: unavailable, rate
+# limited): worth another try. A refused write (PermissionError), a missing file or a bad request is
+# not: it fails the sink at once, and the next run catches up.
 TRANSIENT = (ConnectionError, TimeoutError)
+TRANSIENT_NAMES = ("ResponseHandlingException", "MilvusUnavailableException", "ConnectError")
+MILVUS_TRANSIENT_CODES = (2, 8)  # cannot connect / server unavailable; rate limited
+
+
+def is_transient(e: BaseException) -> bool:
+    status = getattr(e, "status_code", None)
+    milvus = type(e).__module__.startswith("pymilvus") and getattr(e, "code", None) in MILVUS_TRANSIENT_CODES
+    return isinstance(e, TRANSIENT) or type(e).__name__ in TRANSIENT_NAMES or milvus or \
+        (isinstance(status, int) and (status >= 500 or status == 429))
 
 
 def retrying(call, retries: int, what: str):
@@ -149,10 +161,7 @@ def retrying(call, retries: int, what: str):
         try:
             return call()
         except Exception as e:  # noqa: BLE001 (sorted below)
-            status = getattr(e, "status_code", None)
-            transient = isinstance(e, TRANSIENT) or type(e).__name__ in ("ResponseHandlingException",) or \
-                (isinstance(status, int) and (status >= 500 or status == 429))
-            if not transient or attempt == retries:
+            if not is_transient(e) or attempt == retries:
                 raise
             delay = min(30.0, 0.5 * 2 ** attempt)
             logger.warning("%s: %s: %s; retrying in %.1f s", what, type(e).__name__, redact_text(str(e))[:200], delay)

@@ -8,6 +8,8 @@ shard, as the Parquet holds it.
     LanceStore     a LanceDB table (id, vector, shard, content_hash, config_fingerprint)
     QdrantStore    a Qdrant collection (server URL with API key, or a local folder); point id =
                    UUIDv5 of (shard, id); payload id, shard, content_hash, config_fingerprint
+    MilvusStore    a Milvus collection (server URI with token, or a Milvus Lite file); primary key
+                   `key` = the same UUIDv5, fields id, shard, content_hash, config_fingerprint, vector
 
 A store's methods: `describe()` (dimension and fingerprint it holds, or None when absent or empty),
 `create(dimension)`, `upsert(shard, ids, vectors, hashes, fingerprint)`, `keys_of(shard)` (the ids
@@ -23,7 +25,7 @@ import uuid
 import numpy as np
 import pyarrow as pa
 
-from operators.config import LanceDBSinkConfig, QdrantSinkConfig
+from operators.config import LanceDBSinkConfig, MilvusSinkConfig, QdrantSinkConfig
 
 KEY_NAMESPACE = uuid.UUID("6f1d2c3a-8b9e-4c5d-9a7f-2e4b6c8d0a1f")  # corpus-embed's namespace for point ids
 
@@ -217,5 +219,109 @@ class QdrantStore:
         self.client.close()
 
 
+def _milvus_string(value: str) -> str:
+    """A Milvus expression's string literal (Milvus Lite has no filter templates)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class MilvusStore:
+    METRICS = {"cosine": "COSINE", "ip": "IP", "l2": "L2"}
+    INDEX_PARAMS = {"hnsw": {"M": 16, "efConstruction": 200}, "ivf_flat": {"nlist": 128}}
+    MAX_STRING = 65535  # Milvus' longest VARCHAR
+
+    def __init__(self, cfg: MilvusSinkConfig):
+        try:
+            from pymilvus import MilvusClient
+        except ImportError as e:
+            raise ImportError("the milvus sink needs: pip install 'corpus-embed[milvus]'") from e
+        self.cfg = cfg
+        if cfg.lite:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.uri)), exist_ok=True)
+            self.client = MilvusClient(cfg.uri)
+        else:
+            token = cfg.token or os.environ.get("MILVUS_TOKEN") or ""  # from the environment (a secret), or the config
+            self.client = MilvusClient(uri=cfg.uri, token=token, timeout=cfg.timeout)
+        self.name = cfg.collection
+
+    def _shard_is(self, shard: str) -> str:
+        return f"shard == {_milvus_string(shard)}"
+
+    def describe(self) -> tuple[int, str | None] | None:
+        if not self.client.has_collection(self.name):
+            return None
+        fields = {f["name"]: f for f in self.client.describe_collection(self.name)["fields"]}
+        vector = fields.get("vector")
+        dim = int(vector["params"]["dim"]) if vector else None
+        if "config_fingerprint" not in fields or "key" not in fields:
+            return (dim, "another layout (not written by corpus-embed)")
+        first = self.client.query(self.name, filter="", output_fields=["config_fingerprint"], limit=1)
+        return (dim, first[0]["config_fingerprint"] if first else None)
+
+    def create(self, dimension: int) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        if self.client.has_collection(self.name):
+            self.client.drop_collection(self.name)
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=36)
+        schema.add_field("id", DataType.VARCHAR, max_length=self.MAX_STRING)
+        schema.add_field("shard", DataType.VARCHAR, max_length=self.MAX_STRING)
+        schema.add_field("content_hash", DataType.VARCHAR, max_length=256)
+        schema.add_field("config_fingerprint", DataType.VARCHAR, max_length=256)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
+        index = self.client.prepare_index_params()
+        index.add_index(field_name="vector", index_type=self.cfg.index.upper(), metric_type=self.METRICS[self.cfg.metric],
+                        params=self.INDEX_PARAMS.get(self.cfg.index, {}))
+        index.add_index(field_name="shard", index_type="INVERTED")  # a shard's rows found without a scan
+        self.client.create_collection(self.name, schema=schema, index_params=index, consistency_level="Strong")
+
+    def upsert(self, shard: str, ids: list[str], vectors: np.ndarray, hashes: list[str], fingerprint: str) -> None:
+        too_long = [i for i in ids if len(i.encode()) > self.MAX_STRING]
+        if too_long or len(shard.encode()) > self.MAX_STRING:
+            raise ValueError(f"milvus holds strings of at most {self.MAX_STRING} bytes; shard {shard} has a longer id or name")
+        rows = [{"key": point_id(shard, i), "id": i, "shard": shard, "content_hash": h or "", "config_fingerprint": fingerprint,
+                 "vector": v} for i, v, h in zip(ids, vectors.astype(np.float32).tolist(), hashes)]
+        self.client.upsert(self.name, rows)
+
+    def _scan(self, filter_: str, fields: list[str]):
+        it = self.client.query_iterator(self.name, batch_size=1000, filter=filter_, output_fields=fields)
+        try:
+            while batch := it.next():
+                yield from batch
+        finally:
+            it.close()
+
+    def keys_of(self, shard: str) -> set[str]:
+        return {r["id"] for r in self._scan(self._shard_is(shard), ["id"])}
+
+    def delete_ids(self, shard: str, ids: list[str]) -> None:
+        for i in range(0, len(ids), 1000):
+            self.client.delete(self.name, ids=[point_id(shard, x) for x in ids[i:i + 1000]])
+
+    def delete_shard(self, shard: str) -> None:
+        self.client.delete(self.name, filter=self._shard_is(shard))
+
+    def count(self) -> int:
+        if not self.client.has_collection(self.name):
+            return 0
+        return int(self.client.query(self.name, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+    def rows(self) -> dict[tuple[str, str], np.ndarray]:
+        return {(r["shard"], r["id"]): np.asarray(r["vector"], np.float32) for r in self._scan("", ["id", "shard", "vector"])}
+
+    def search(self, vector: np.ndarray, k: int) -> list[str]:
+        hits = self.client.search(self.name, data=[vector.astype(np.float32).tolist()], limit=k, output_fields=["id"],
+                                  search_params={"metric_type": self.METRICS[self.cfg.metric]})
+        return [h["entity"]["id"] for h in hits[0]]
+
+    def finish(self) -> dict:
+        if not self.cfg.lite:
+            self.client.flush(self.name)  # sealed segments, indexed: what a server searches fastest
+        return {"index": self.cfg.index}
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def open_store(cfg):
-    return {"lancedb": LanceStore, "qdrant": QdrantStore}[cfg.kind](cfg)
+    return {"lancedb": LanceStore, "qdrant": QdrantStore, "milvus": MilvusStore}[cfg.kind](cfg)

@@ -39,7 +39,7 @@ def check_entrypoint(entrypoint: str):
     assert (REPO / argv[1]).is_file()
     config = argv[argv.index("--config") + 1]
     cfg = load_config(REPO / config)  # a complete, valid config
-    assert cfg.output.versioned and cfg.gate.tasks and {s.kind for s in cfg.sinks} == {"lancedb", "qdrant"}
+    assert cfg.output.versioned and cfg.gate.tasks and {s.kind for s in cfg.sinks} == {"lancedb", "qdrant", "milvus"}
 
 
 def cluster_specs(doc):

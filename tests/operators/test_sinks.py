@@ -1,4 +1,4 @@
-"""The sink contract on the real stores (LanceDB, Qdrant's local mode), without Ray: every sync
+"""The sink contract on the real stores (LanceDB, Qdrant's local mode, Milvus Lite), without Ray: every sync
 leaves each store holding exactly the published Parquet's rows and vectors (edits, deletions, a
 deleted shard, an id in two shards), whatever failed before; a store of another dimension is
 refused before any write; ANN recall of LanceDB's indexes against exact search."""
@@ -12,7 +12,7 @@ import pyarrow.compute  # noqa: F401
 import pyarrow.parquet as pq
 import pytest
 
-from operators.config import LanceDBSinkConfig, QdrantSinkConfig
+from operators.config import LanceDBSinkConfig, MilvusSinkConfig, QdrantSinkConfig
 from operators.sinks import SinkError, read_state, sync_sink
 from operators.storage import file_fingerprint
 from operators.stores import open_store, point_id
@@ -66,6 +66,8 @@ FP = "fp-test"
 def sink_of(kind, tmp_path, **kw):
     if kind == "lancedb":
         return LanceDBSinkConfig(uri=str(tmp_path / "db"), table="t", **kw)
+    if kind == "milvus":
+        return MilvusSinkConfig(uri=str(tmp_path / "milvus.db"), collection="t", **kw)
     return QdrantSinkConfig(path=str(tmp_path / "qdrant"), collection="t", **kw)
 
 
@@ -131,7 +133,7 @@ def test_ann_index_recall_at_10_against_exact_search(tmp_path, kind):
     assert partial >= 0.8, partial
 
 
-KINDS = ["lancedb", "qdrant"]
+KINDS = ["lancedb", "qdrant", "milvus"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -179,7 +181,7 @@ def test_a_sync_that_fails_midway_is_finished_by_the_next(tmp_path, kind, monkey
     """The store refuses a write after a shard's first batch (a changed shard half rewritten): the
     sync fails, its record keeps the shard as it was, and the next sync brings the store to exactly
     the Parquet's rows."""
-    from operators.stores import LanceStore, QdrantStore
+    from operators.stores import LanceStore, MilvusStore, QdrantStore
 
     fs = fsspec.filesystem("file")
     out = tmp_path / "out"
@@ -190,7 +192,7 @@ def test_a_sync_that_fails_midway_is_finished_by_the_next(tmp_path, kind, monkey
     publish(out, {"a.parquet": (ids[:100], vecs[:100]), "b.parquet": (ids[100:], vecs[100:])})
     sync_sink(sink, fs, str(out), str(out), FP, DIM)
     want = publish(out, {"a.parquet": (ids[10:100], clustered_vectors(90, seed=4)), "b.parquet": (ids[100:], vecs[100:])})
-    cls = {"lancedb": LanceStore, "qdrant": QdrantStore}[kind]
+    cls = {"lancedb": LanceStore, "qdrant": QdrantStore, "milvus": MilvusStore}[kind]
     refuse_after(monkeypatch, cls, "upsert", 1, PermissionError("the store refused the write"))
     with pytest.raises(PermissionError):
         sync_sink(sink, fs, str(out), str(out), FP, DIM)
@@ -251,3 +253,56 @@ def test_transient_errors_are_retried_and_refusals_are_not():
     with pytest.raises(PermissionError):
         retrying(refusing, retries=3, what="t")
     assert len(calls) == 1  # a refusal is not retried
+
+
+def test_a_milvus_collection_of_another_layout_is_refused_before_any_write(tmp_path):
+    """A collection someone else made in the same Milvus Lite file (no corpus-embed fields)."""
+    from pymilvus import DataType, MilvusClient
+
+    fs = fsspec.filesystem("file")
+    out = tmp_path / "out"
+    out.mkdir()
+    publish(out, {"a.parquet": (["x"], clustered_vectors(1))})
+    sink = sink_of("milvus", tmp_path)
+    client = MilvusClient(sink.uri)
+    schema = MilvusClient.create_schema(auto_id=True)
+    schema.add_field("pk", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
+    index = client.prepare_index_params()
+    index.add_index(field_name="vector", index_type="FLAT", metric_type="COSINE")
+    client.create_collection("t", schema=schema, index_params=index)
+    client.insert("t", [{"vector": [0.1] * DIM}])
+    client.close()
+    with pytest.raises(SinkError, match=r"holds 64-dimensional vectors of config another layout .*nothing was written"):
+        sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    client = MilvusClient(sink.uri)
+    assert client.query("t", filter="", output_fields=["count(*)"])[0]["count(*)"] == 1
+    client.close()
+
+
+def test_a_milvus_server_that_is_down_is_a_transient_error():
+    """pymilvus' own error for a server it cannot reach is retried; its refusal of a bad request is not."""
+    import socket
+
+    from pymilvus.exceptions import MilvusException
+
+    from operators.sinks import is_transient
+    from operators.stores import MilvusStore
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(MilvusException) as down:
+        MilvusStore(MilvusSinkConfig(uri=f"http://127.0.0.1:{port}", timeout=2))
+    assert is_transient(down.value)
+    assert not is_transient(MilvusException(code=1100, message="invalid parameter"))
+
+
+def test_sink_configs_are_checked_before_any_work():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="Milvus Lite file ending .db"):
+        MilvusSinkConfig(uri="/data/milvus")
+    with pytest.raises(ValidationError, match="exactly one of url"):
+        QdrantSinkConfig()
+    assert MilvusSinkConfig(uri="https://in01.example.zillizcloud.com", token="db_admin:pw").lite is False

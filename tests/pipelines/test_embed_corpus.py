@@ -688,7 +688,7 @@ def assert_sinks_hold_the_parquet(cfg, folder):
 
 
 def test_sinks_converge_to_the_parquet_whatever_failed(ray_local, tmp_path, tiny_bert, monkeypatch):
-    """Issue 27's three losses, for LanceDB and Qdrant: (a) a run killed after its vector files were
+    """Issue 27's three losses, for LanceDB, Qdrant and Milvus: (a) a run killed after its vector files were
     committed, before the sinks; (b) a store that refuses a write mid-sync; (c) an input shard
     removed while _deletions/ cannot be written. Each run after brings every store to exactly the
     Parquet's rows, and every deleted id is in a deletions file before its vector file goes."""
@@ -697,12 +697,13 @@ def test_sinks_converge_to_the_parquet_whatever_failed(ray_local, tmp_path, tiny
     import operators.bookkeeping as bookkeeping
     import operators.sinks as sinks_module
     from operators.sinks import SinkError
-    from operators.stores import QdrantStore
+    from operators.stores import MilvusStore, QdrantStore
 
     corpus = tmp_path / "corpus"
     shards = corpus_v1(corpus)
     out = tmp_path / "out"
-    sinks = f"sinks=[{{kind: lancedb, uri: '{tmp_path / 'lance'}'}}, {{kind: qdrant, path: '{tmp_path / 'qdrant'}', batch_rows: 8}}]"
+    sinks = (f"sinks=[{{kind: lancedb, uri: '{tmp_path / 'lance'}'}}, {{kind: qdrant, path: '{tmp_path / 'qdrant'}', batch_rows: 8}}, "
+             f"{{kind: milvus, uri: '{tmp_path / 'milvus.db'}', batch_rows: 8}}]")
     cfg, _ = config(tmp_path, corpus, out, tiny_bert, sinks)
     run(cfg)
     assert_sinks_hold_the_parquet(cfg, out)
@@ -714,13 +715,18 @@ def test_sinks_converge_to_the_parquet_whatever_failed(ray_local, tmp_path, tiny
         run(cfg)
     monkeypatch.undo()
     again = run(cfg)  # nothing to embed: the sinks still catch up
-    assert again.counts.shards_embedded == 0 and again.sinks["qdrant"]["shards_upserted"] >= 2
+    assert again.counts.shards_embedded == 0 and all(again.sinks[k]["shards_upserted"] >= 2 for k in ("lancedb", "qdrant", "milvus"))
     assert_sinks_hold_the_parquet(cfg, out)
 
-    # (b) the store refuses a write after the first batch of a changed shard
+    # (b) every store refuses a write after the first batch of a changed shard (LanceDB after its delete)
     write_jsonl(corpus / "part-0.jsonl", [{"id": f"s0-{i}", "text": f"rewritten {i}"} for i in range(ROWS)])
-    refuse_after(monkeypatch, QdrantStore, "upsert", 1, PermissionError("refused"))
-    with pytest.raises(SinkError, match=r"sinks: qdrant .*PermissionError: refused.*the next run brings the store up to date"):
+    from lancedb.table import LanceTable
+
+    refuse_after(monkeypatch, LanceTable, "add", 0, PermissionError("refused"))  # LanceDB: right after the shard's delete
+    for cls in (QdrantStore, MilvusStore):
+        refuse_after(monkeypatch, cls, "upsert", 1, PermissionError("refused"))
+    with pytest.raises(SinkError, match=r"sinks: lancedb .*; sinks: qdrant .*; sinks: milvus .*PermissionError: refused.*"
+                                        r"the next run brings the store up to date"):
         run(cfg)
     monkeypatch.undo()
     run(cfg)
