@@ -208,7 +208,7 @@ def sync_sink(sink, fs, root: str, folder: str, fingerprint: str, dimension: int
             held_ids = do(lambda n=name: store.keys_of(n), "keys") if not fresh else set()
             seen: set[str] = set()
             for ids, vectors, hashes in shard_batches(fs, posixpath.join(folder, name), sink.batch_rows):
-                do(lambda: store.upsert(name, ids, vectors, hashes, fingerprint), "upsert")
+                do(lambda: store.upsert(name, ids, vectors, hashes, fingerprint, held=bool(held_ids)), "upsert")
                 seen.update(ids)
                 stats["rows_upserted"] += len(ids)
             stale = sorted(held_ids - seen)

@@ -12,7 +12,8 @@ shard, as the Parquet holds it.
                    `key` = the same UUIDv5, fields id, shard, content_hash, config_fingerprint, vector
 
 A store's methods: `describe()` (dimension and fingerprint it holds, or None when absent or empty),
-`create(dimension)`, `upsert(shard, ids, vectors, hashes, fingerprint)`, `keys_of(shard)` (the ids
+`create(dimension)`, `upsert(shard, ids, vectors, hashes, fingerprint, held)` (`held`: the store
+may hold rows of this shard already; keyed stores overwrite either way), `keys_of(shard)` (the ids
 it holds for a shard), `delete_ids(shard, ids)`, `delete_shard(shard)`, `count()`,
 `search(vector, k)` (ids), `finish()` (indexes).
 """
@@ -79,10 +80,11 @@ class LanceStore:
     def create(self, dimension: int) -> None:
         self.table = self.db.create_table(self.cfg.table, schema=self.schema(dimension), mode="overwrite")
 
-    def upsert(self, shard: str, ids: list[str], vectors: np.ndarray, hashes: list[str], fingerprint: str) -> None:
-        """LanceDB has no keyed overwrite cheaper than merge_insert; the shard's stale rows go in
-        delete_ids, so rows already held for these keys are removed first."""
-        self.table.delete(f"shard = {_quote([shard])} AND id IN ({_quote(ids)})")
+    def upsert(self, shard: str, ids: list[str], vectors: np.ndarray, hashes: list[str], fingerprint: str, held: bool = True) -> None:
+        """LanceDB has no keyed overwrite cheaper than merge_insert: rows already held for these
+        keys are deleted first, unless the shard holds none (`held` False: a plain append)."""
+        if held:
+            self.table.delete(f"shard = {_quote([shard])} AND id IN ({_quote(ids)})")
         dim = vectors.shape[1]
         self.table.add(pa.table({
             "id": pa.array(ids, pa.string()),
@@ -161,7 +163,7 @@ class QdrantStore:
         if self.cfg.path is None:  # a server indexes payload fields; local mode has no payload index
             self.client.create_payload_index(self.cfg.collection, "shard", models.PayloadSchemaType.KEYWORD)
 
-    def upsert(self, shard: str, ids: list[str], vectors: np.ndarray, hashes: list[str], fingerprint: str) -> None:
+    def upsert(self, shard: str, ids: list[str], vectors: np.ndarray, hashes: list[str], fingerprint: str, held: bool = True) -> None:
         from qdrant_client import models
 
         points = [models.PointStruct(id=point_id(shard, i), vector=v.tolist(),
@@ -275,7 +277,7 @@ class MilvusStore:
         index.add_index(field_name="shard", index_type="INVERTED")  # a shard's rows found without a scan
         self.client.create_collection(self.name, schema=schema, index_params=index, consistency_level="Strong")
 
-    def upsert(self, shard: str, ids: list[str], vectors: np.ndarray, hashes: list[str], fingerprint: str) -> None:
+    def upsert(self, shard: str, ids: list[str], vectors: np.ndarray, hashes: list[str], fingerprint: str, held: bool = True) -> None:
         too_long = [i for i in ids if len(i.encode()) > self.MAX_STRING]
         if too_long or len(shard.encode()) > self.MAX_STRING:
             raise ValueError(f"milvus holds strings of at most {self.MAX_STRING} bytes; shard {shard} has a longer id or name")

@@ -106,15 +106,24 @@ def device_name(cfg: PipelineConfig) -> str:
 
     if cfg.model.device != "cpu" and torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    cpu = platform.processor() or platform.machine()
+    return f"cpu: {cpu_name()}, {os.cpu_count()} cores"
+
+
+def cpu_name(flags: bool = False) -> str:
+    """The CPU's model name (from /proc/cpuinfo), with its vector extensions when `flags`."""
+    cpu, found = platform.processor() or platform.machine(), []
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return f"cpu: {cpu}, {os.cpu_count()} cores"
+        lines = []
+    for line in lines:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            found = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in have]
+            break
+    return f"{cpu} ({' '.join(found) or 'no AVX2'})" if flags else cpu
 
 
 def peak_tflops(device: str) -> float | None:
