@@ -47,36 +47,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import __version__, cli
-from operators.bookkeeping import RunRecord, record_outputs
-from operators.config import ConfigError, ModelConfig, PipelineConfig
-from operators.execution import embed, init_ray, read_shards, tokenize, write_shards
-from operators.models import local_source
-from operators.planning import plan_run
-from operators.prepare import prepare
-from operators.storage import get_fs, read_parquet
-from operators.throughput import (
-    PeakMemory,
-    add_ratios,
-    corpus_texts,
-    device_name,
-    format_report,
-    format_scale_report,
-    phase_result,
-    run_baseline,
-    scale_ratios,
-    write_corpus,
-    write_corpus_uri,
-    write_report,
-)
-from operators.writers import WriteOutcome
+from operators import __version__
+from operators.config.schema import ConfigError, ModelConfig, PipelineConfig
+from operators.evaluation.benchmark_report import ST_BACKEND, add_ratios, engine_ratios, phase_result, scale_ratios, summarize, write_report
+from operators.evaluation.throughput import PeakMemory, corpus_texts, device_name, run_baseline, write_corpus, write_corpus_uri
+from operators.execution.scale_cluster import ScaleCluster
+from operators.execution.stages import embed, init_ray, read_shards, tokenize, write_shards
+from operators.io.storage import get_fs, read_parquet
+from operators.io.writers import WriteOutcome
+from operators.model.prepare import prepare
+from operators.model.resolution import local_source
+from operators.run import cli
+from operators.run.bookkeeping import RunRecord, record_outputs
+from operators.run.planning import plan_run
 
 logger = logging.getLogger("corpus_embed.benchmark")
 
@@ -171,10 +160,6 @@ def phases_on(cfg: PipelineConfig, docs: int, shard_docs: int, workdir: Path, ph
 
 # -- --engines: the pipeline on each engine against sentence-transformers on each backend -----------
 
-# a pipeline variant -> the sentence-transformers backend it is measured against
-ST_BACKEND = {"torch": "torch", "onnx": "onnx", "onnx:int8": "onnx:int8", "openvino": "openvino", "openvino:int8": "openvino"}
-
-
 def engine_settings(variant: str, calibration: str | None) -> dict:
     """`engine[:int8[:static]]` as model settings; static calibrates on `calibration`."""
     engine, _, rest = variant.partition(":")
@@ -236,44 +221,6 @@ def st_baselines(cfg: PipelineConfig, texts: list[str], backends: list[str], pyt
     return json.loads(got.stdout.strip().splitlines()[-1])
 
 
-def engine_ratios(report: dict) -> dict:
-    """Per variant: against the pipeline on torch, against sentence-transformers on the matching
-    backend and on its fastest one."""
-    engines, st = report["engines"], report.get("sentence_transformers", {}).get("backends", {})
-    torch_rate = engines.get("torch", {}).get("rows_per_s")
-    fastest = max(st.values(), key=lambda b: b["rows_per_s"], default=None)
-    for v, r in engines.items():
-        if torch_rate:
-            r["vs_pipeline_torch"] = r["rows_per_s"] / torch_rate
-        same = st.get(ST_BACKEND[v])
-        if same:
-            r["vs_st_same_backend"] = r["rows_per_s"] / same["rows_per_s"]
-        if fastest:
-            r["vs_st_fastest"] = r["rows_per_s"] / fastest["rows_per_s"]
-    if fastest:
-        report["st_fastest_backend"] = next(k for k, b in st.items() if b is fastest)
-    return report
-
-
-def format_engines_report(r: dict) -> str:
-    st = r.get("sentence_transformers", {}).get("backends", {})
-    lines = [f"engines on {r['docs']} docs, {r['model']}, {r['cpus']} CPUs",
-             "| pipeline | rows/s | steady rows/s | vs pipeline torch | vs ST same backend | vs ST fastest | warm-up + export s |",
-             "|---|---|---|---|---|---|---|"]
-
-    def x(v):
-        return f"{v:.2f}x" if v else "-"
-
-    for v, e in r["engines"].items():
-        lines.append(f"| {v} | {e['rows_per_s']:.1f} | {e.get('steady_rows_per_s') or 0:.1f} | {x(e.get('vs_pipeline_torch'))} | "
-                     f"{x(e.get('vs_st_same_backend'))} ({ST_BACKEND[v]}) | {x(e.get('vs_st_fastest'))} | {e['warmup_s']:.1f} |")
-    for b, s in st.items():
-        lines.append(f"sentence-transformers {b}: {s['rows_per_s']:.1f} rows/s")
-    if "error" in r.get("sentence_transformers", {}):
-        lines.append(r["sentence_transformers"]["error"])
-    return "\n".join(lines)
-
-
 # -- --scale: cost against the number of shards ---------------------------------------------------
 
 
@@ -289,106 +236,24 @@ def scale_benchmark(cfg: PipelineConfig, args: argparse.Namespace) -> dict:
         runs += [(1, max(1, args.giant_rows // 10), True), (1, args.giant_rows, True)]
     report: dict = {"package_version": __version__, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
                     "model": cfg.model.name, "nodes": args.nodes, "s3": args.s3, "kill_every_s": args.kill_every, "points": []}
-    with ScaleCluster(args) as where:
-        for shards, rows, noop in runs:
-            point = {"shards": shards, "rows": rows, "noop": noop, "workdir": where.workdir}
-            report["points"].append(where.run(cfg, args, point))
-        if args.plan_shards:
-            point = {"shards": args.plan_shards, "rows": args.plan_shards, "noop": True, "workdir": where.workdir, "setup": True}
-            report["points"].append(where.run(cfg, args, point))  # embeds them all (no-op): the output the plan finds up to date
-            report["plan"] = where.run(cfg, args, dict(point, again=True, setup=False))
-    write_report(scale_ratios(report), args.report)
-    return report
+    def run_point(point: dict, extra: list[str]) -> dict:
+        return child_point(cfg, args, point, extra)
 
-
-class ScaleCluster:
-    """Where the scale points run: the local machine, or (--nodes N) a Ray cluster of N nodes on
-    this machine (ray.cluster_utils.Cluster: a head and N-1 workers, the CPUs split between them),
-    with (--s3) the corpus and outputs on S3 served by moto on 127.0.0.1, and (--kill-every S) a
-    worker node removed and a fresh one added every S seconds while a point runs, as Ray Data's
-    chaos release tests do. A point that fails under chaos is re-run until it finishes (at most 3
-    more times); every point's output is then checked: exactly one row per valid input row."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.cluster = self.moto = None
-        self.workdir = args.workdir or ""
-        self.address: str | None = None
-
-    def __enter__(self) -> "ScaleCluster":
-        a = self.args
-        if a.s3:
-            import boto3
-            from moto.server import ThreadedMotoServer
-
-            port = free_port()
-            os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                              AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-            self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-            self.moto.start()
-            boto3.client("s3").create_bucket(Bucket="scale")
-            self.workdir = "s3://scale/bench"
-        elif not self.workdir:
-            self.workdir = self._tmp = tempfile.mkdtemp(prefix="corpus-embed-scale-")
-        if a.nodes > 1:
-            from ray.cluster_utils import Cluster
-
-            cpus = max(1, (os.cpu_count() or 2) // a.nodes)
-            self.cpus = cpus
-            self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus})
-            for _ in range(a.nodes - 1):
-                self.cluster.add_node(num_cpus=cpus)
-            self.cluster.wait_for_nodes()
-            self.address = self.cluster.address
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cluster is not None:
-            self.cluster.shutdown()
-        if self.moto is not None:
-            self.moto.stop()
-        if getattr(self, "_tmp", None):
-            shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def run(self, cfg: PipelineConfig, args: argparse.Namespace, point: dict) -> dict:
-        extra = ["--set", f"ray.address={self.address}"] if self.address else []
-        if not (self.args.kill_every and self.cluster is not None):
-            result = child_point(cfg, args, point, extra)
-        else:  # the point runs in a thread; this (main) thread kills nodes: Ray adds nodes from the main thread only
-            box: dict = {}
-            runner = threading.Thread(target=lambda: box.update(self._until_finished(cfg, args, point, extra)), daemon=True)
-            runner.start()
-            killed = 0
-            while runner.is_alive():
-                runner.join(self.args.kill_every)
-                if runner.is_alive():
-                    killed += self._kill_a_worker()
-            if "error" in box:
-                raise box["error"]
-            result = dict(box["result"], attempts=box["attempts"], attempt_errors=box["errors"], nodes_killed=killed)
+    def checked(point: dict) -> dict:  # every point's output: exactly one row per valid input row
+        result = where.run(run_point, point)
         if not point.get("again"):
             result["exactly_once"] = check_exactly_once(cfg, point_paths(point)[1], point["rows"])
         return result
 
-    @staticmethod
-    def _until_finished(cfg: PipelineConfig, args: argparse.Namespace, point: dict, extra: list[str]) -> dict:
-        errors = []
-        for attempt in range(1, 5):
-            try:
-                return {"result": child_point(cfg, args, dict(point, again=attempt > 1), extra), "attempts": attempt, "errors": errors}
-            except RuntimeError as e:
-                errors.append(str(e).splitlines()[0])
-        return {"error": RuntimeError(f"scale point {point} did not finish in 4 attempts: {errors}")}
-
-    def _kill_a_worker(self) -> int:
-        import random
-
-        if not self.cluster.worker_nodes:
-            return 0
-        self.cluster.remove_node(random.choice(list(self.cluster.worker_nodes)), allow_graceful=False)
-        self.cluster.add_node(num_cpus=self.cpus)
-        logger.info("chaos: killed a worker node and added a fresh one")
-        return 1
+    with ScaleCluster(args) as where:
+        for shards, rows, noop in runs:
+            report["points"].append(checked({"shards": shards, "rows": rows, "noop": noop, "workdir": where.workdir}))
+        if args.plan_shards:
+            point = {"shards": args.plan_shards, "rows": args.plan_shards, "noop": True, "workdir": where.workdir, "setup": True}
+            report["points"].append(checked(point))  # embeds them all (no-op): the output the plan finds up to date
+            report["plan"] = checked(dict(point, again=True, setup=False))
+    write_report(scale_ratios(report), args.report)
+    return report
 
 
 def check_exactly_once(cfg: PipelineConfig, out: str, rows: int) -> bool:
@@ -402,14 +267,6 @@ def check_exactly_once(cfg: PipelineConfig, out: str, rows: int) -> bool:
         ids += len(col)
         unique.update(col)
     return ids == len(unique) == rows
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def point_paths(point: dict) -> tuple[str, str]:
@@ -479,12 +336,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(its onnx/openvino backends need their own environment: make bench-env, then .venv-st/bin/python)")
     p.add_argument("--calibration-corpus", help="--engines: the text static int8 variants (engine:int8:static) calibrate on")
     p.add_argument("--scale-point", help=argparse.SUPPRESS)  # one point, run by --scale in a child process
-
-
-def summarize(report: dict) -> str:
-    if "engines" in report:
-        return format_engines_report(report)
-    return format_scale_report(report) if "points" in report else format_report(report) if "docs" in report else json.dumps(report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,12 +30,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from operators.config import LanceDBSinkConfig, MilvusSinkConfig, QdrantSinkConfig
-from operators.sinks import shard_batches, sync_sink
-from operators.storage import file_fingerprint
-from operators.stores import open_store
-from operators.throughput import cpu_name
-from operators.writers import vector_schema, write_manifest
+from operators.config.schema import LanceDBSinkConfig, MilvusSinkConfig, QdrantSinkConfig
+from operators.evaluation.throughput import cpu_name
+from operators.io.manifest import write_manifest
+from operators.io.sinks import shard_batches, sync_sink
+from operators.io.storage import file_fingerprint
+from operators.io.stores import open_store
+from operators.io.writers import vector_schema
 
 FINGERPRINT = "benchmark"
 

@@ -22,10 +22,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.evaluation import evaluate
-from operators.execution import init_ray, ray_embed_fn
-from operators.prepare import prepare
-from operators.sweep import Sweep, load_sweep, run_sweep
+from operators.evaluation.scoring import evaluate
+from operators.evaluation.sweep import Sweep, load_sweep, run_sweep
+from operators.evaluation.sweep_reports import write_sweep_reports
+from operators.execution.stages import init_ray, ray_embed_fn
+from operators.model.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,7 @@ def timed_sweep(sweep: Sweep, out: Path) -> tuple[float, dict]:
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     result = run_sweep(sweep, lambda cfg: prepare(cfg, postprocess=False), ray_embed_fn, str(out))
+    write_sweep_reports(sweep, result, str(out))
     return time.perf_counter() - t, result
 
 

@@ -18,17 +18,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (also under `ray job submit --working-dir .`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import cli
-from operators.bookkeeping import RunRecord, record_outputs
-from operators.config import PipelineConfig
-from operators.execution import embed, init_ray, ray_embed_fn, read_shards, tokenize, write_shards
-from operators.evaluation import query_side_for
-from operators.gate import check_gate_data, run_gate
-from operators.incremental import publish_version
-from operators.planning import list_input, plan_run
-from operators.prepare import prepare
-from operators.sinks import check_sinks, feed_sinks, require_synced
-from operators.writers import WriteOutcome
+from operators.config.schema import PipelineConfig
+from operators.evaluation.scoring import query_side_for
+from operators.execution.stages import embed, init_ray, ray_embed_fn, read_shards, tokenize, write_shards
+from operators.io.incremental import publish_version
+from operators.io.sinks import check_sinks, feed_sinks, require_synced
+from operators.io.writers import WriteOutcome
+from operators.model.prepare import prepare
+from operators.run import cli
+from operators.run.bookkeeping import RunRecord, record_outputs
+from operators.run.gate import check_gate_data, run_gate
+from operators.run.planning import list_input, plan_run
 
 
 def run(cfg: PipelineConfig, noop: bool = False) -> RunRecord:

@@ -14,7 +14,7 @@ configuration fingerprint under OUTPUT/cache/, written as they arrive: re-scorin
 rerun after a crash resumes. Writes OUTPUT/results.json, OUTPUT/results.md, OUTPUT/results.png,
 and MTEB's own result files under OUTPUT/mteb/results/<model>/<config fingerprint>/<Task>.json.
 
---sweep FILE: a base config and what to vary (operators/sweep.py). Variants that share a model and
+--sweep FILE: a base config and what to vary (operators/evaluation/sweep.py). Variants that share a model and
 its input text share one forward pass, pooled by every head they need on the actors; whitening and
 ABTT variants are fitted from the same pass over the fit corpus. Writes the ranked results, the
 chart, and OUTPUT/best/config.yaml, the winner as a config pipelines/embed_corpus.py runs.
@@ -31,9 +31,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import cli
-from operators.config import load_config
-from operators.evaluation import (
+from operators.config.loading import load_config
+from operators.evaluation.scoring import (
     check_held_out,
     evaluate,
     load_tasks,
@@ -42,9 +41,11 @@ from operators.evaluation import (
     selected_tasks,
     write_reports,
 )
-from operators.execution import ray_embed_fn
-from operators.prepare import prepare
-from operators.sweep import describe, load_sweep, run_sweep, sweep_markdown
+from operators.evaluation.sweep import describe, load_sweep, run_sweep
+from operators.evaluation.sweep_reports import sweep_markdown, write_sweep_reports
+from operators.execution.stages import ray_embed_fn
+from operators.model.prepare import prepare
+from operators.run import cli
 
 logger = logging.getLogger("corpus_embed.evaluate")
 
@@ -66,7 +67,9 @@ def run_names(cfgs: list, args: argparse.Namespace) -> list[str]:
 def run(cfgs: list, args: argparse.Namespace) -> dict:
     if args.sweep:
         sweep = load_sweep(args.sweep, args.set, args.output)  # every variant validated before any work
-        return run_sweep(sweep, lambda cfg: prepare(cfg, postprocess=False), ray_embed_fn, args.output, logger.info)
+        result = run_sweep(sweep, lambda cfg: prepare(cfg, postprocess=False), ray_embed_fn, args.output, logger.info)
+        write_sweep_reports(sweep, result, args.output)
+        return result
     names = run_names(cfgs, args)
     data = []
     for cfg in cfgs:  # every config's tasks, their data and the held-out rule checked before any embedding

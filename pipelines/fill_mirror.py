@@ -22,12 +22,13 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import cli, models
-from operators.config import PipelineConfig
-from operators.eval_data import CORPUS_NAMES, corpus_files, is_own, own_task_files
-from operators.evaluation import selected_tasks
-from operators.mteb_tasks import mteb_task_files
-from operators.sources import SourceError, Sources, fill_mirror
+from operators.config.schema import PipelineConfig
+from operators.evaluation.eval_data import is_own, own_task_files
+from operators.evaluation.mteb_tasks import mteb_task_files
+from operators.evaluation.scoring import selected_tasks
+from operators.io import cache
+from operators.io.sources import CORPUS_NAMES, SourceError, Sources, corpus_files, fill_mirror
+from operators.run import cli
 
 logger = logging.getLogger("corpus_embed.fill_mirror")
 
@@ -46,7 +47,7 @@ def files_of(cfg: PipelineConfig, source: Sources, corpora: list[str]) -> list:
 
 
 def run(cfg: PipelineConfig, args: argparse.Namespace) -> dict:
-    source = Sources(args.source, str(models.CACHE_DIR), cfg.eval.storage)
+    source = Sources(args.source, str(cache.CACHE_DIR), cfg.eval.storage)
     files = files_of(cfg, source, args.corpus)
     entries = fill_mirror(source, args.mirror, files, cfg.eval.storage, logger.info)
     return {"mirror": args.mirror, "files": len(files), "manifest_files": len(entries)}

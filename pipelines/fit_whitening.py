@@ -19,12 +19,12 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import cli
-from operators.config import PipelineConfig
-from operators.execution import embed, init_ray, iter_tables, read_items, tokenize
-from operators.postprocess import merge_moment_tables
-from operators.prepare import prepare
-from operators.whitening import check_fit_destination, fit_texts, format_fit, write_fit
+from operators.config.schema import PipelineConfig
+from operators.execution.stages import embed, init_ray, iter_tables, read_items, tokenize
+from operators.methods.postprocess import merge_moment_tables
+from operators.model.prepare import prepare
+from operators.model.whitening import check_fit_destination, fit_texts, format_fit, write_fit
+from operators.run import cli
 
 
 def fit(cfg: PipelineConfig, args=None) -> dict:

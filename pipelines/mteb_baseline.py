@@ -22,9 +22,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import models
-from operators.mteb_tasks import load_mteb_task
-from operators.sources import Sources, mirror_from
+from operators.evaluation.mteb_tasks import load_mteb_task
+from operators.io import cache
+from operators.io.sources import Sources, mirror_from
 
 
 def reference_scores(model_folder: str, tasks: list[str], mirror: str | None) -> tuple[dict[str, float], float]:
@@ -32,7 +32,7 @@ def reference_scores(model_folder: str, tasks: list[str], mirror: str | None) ->
     import mteb
     from sentence_transformers import SentenceTransformer
 
-    sources = Sources(mirror_from(mirror), str(models.CACHE_DIR))
+    sources = Sources(mirror_from(mirror), str(cache.CACHE_DIR))
     loaded = [load_mteb_task(t, sources) for t in tasks]
     started = time.time()
     st = SentenceTransformer(model_folder, device="cpu")

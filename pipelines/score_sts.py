@@ -19,17 +19,17 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import cli
-from operators.config import PipelineConfig
-from operators.eval_data import read_pairs
-from operators.evaluation import pair_scores
-from operators.prepare import prepare
+from operators.config.schema import PipelineConfig
+from operators.evaluation.eval_data import read_pairs
+from operators.evaluation.scoring import pair_scores
+from operators.model.prepare import prepare
+from operators.run import cli
 
 
 def score(cfg: PipelineConfig, args: argparse.Namespace) -> list[str]:
     pairs = {uri: read_pairs(uri) for uri in args.data}  # every file checked before the model loads
     prepared = prepare(cfg)  # a whitening artifact must match this extraction config
-    from operators.embed import Embedder  # in this process: a quick check needs no cluster
+    from operators.model.embed import Embedder  # in this process: a quick check needs no cluster
 
     embedder = Embedder(prepared.spec())
     lines = []

@@ -45,8 +45,8 @@ from tests.helpers import save_tiny  # noqa: E402  (after the environment: it im
 def ray_local():
     import ray
 
-    from operators.config import load_config
-    from operators.execution import init_ray
+    from operators.config.loading import load_config
+    from operators.execution.stages import init_ray
 
     init_ray(load_config(None, ["ray.num_cpus=2"]))  # the pipeline's own local cluster, on 2 CPUs
     yield ray

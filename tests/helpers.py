@@ -20,21 +20,22 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
-import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
-from operators.config import ExtractionConfig, ModelConfig, load_config
-from operators.models import resolve_model
-from operators.readers import READ_SCHEMA
-from operators.storage import read_parquet
-from operators.tokenize import EmbedSpec
+from operators.config.loading import load_config
+from operators.config.schema import ExtractionConfig, ModelConfig
+from operators.io.readers import READ_SCHEMA
+from operators.io.storage import read_parquet
+from operators.model.resolution import resolve_model
+from operators.model.tokenize import EmbedSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-# The benchmark data: a mirror of the sources (operators/sources.py), from the setting users have.
+# The benchmark data: a mirror of the sources (operators/io/sources.py), from the setting users have.
 # Unset, the tests that need real benchmark data skip, naming it; .ci/run sets it where a mirror lies
 # beside the clone.
 MIRROR = Path(os.environ["CORPUS_EMBED_MIRROR"]) if os.environ.get("CORPUS_EMBED_MIRROR") else None
@@ -422,11 +423,11 @@ def commit_in_process(cfg, prepared, plan):
     import posixpath
     import uuid
 
-    from operators.incremental import PreviousShard, mark_reuse
-    from operators.readers import read_shard
-    from operators.storage import get_fs
-    from operators.vectors import ARROW_FLOATS, NoopEmbedder
-    from operators.writers import STAGING_DIR, WriteOutcome, commit_shard, stage_part
+    from operators.io.incremental import PreviousShard, mark_reuse
+    from operators.io.readers import read_shard
+    from operators.io.storage import get_fs
+    from operators.io.writers import STAGING_DIR, WriteOutcome, commit_shard, stage_part
+    from operators.model.vectors import ARROW_FLOATS, NoopEmbedder
 
     fs, out_dir = get_fs(plan.out_uri, cfg.output.storage)
     staging = posixpath.join(out_dir, STAGING_DIR, uuid.uuid4().hex[:8])
@@ -446,8 +447,8 @@ def make_bench(root):
     """A tiny mirror in the sources' layout (hf/datasets/<repo>/<file>, senteval/...), with the
     MIRROR.json pipelines/fill_mirror.py writes: STSBenchmark and STS13 (20 pairs), SciFact (12
     documents, 4 queries), Banking77 (30 texts), SentEval MR and TREC."""
-    from operators.eval_data import SENTEVAL_FILES
-    from operators.sources import MANIFEST, sha256_of
+    from operators.evaluation.eval_data import SENTEVAL_FILES
+    from operators.io.sources import MANIFEST, sha256_of
 
     s = sample_sentences(120)
     rng = np.random.default_rng(1)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from operators.config import REPO_ROOT, load_config
-from operators.models import resolve_model
+from operators.config.loading import load_config
+from operators.config.schema import REPO_ROOT
+from operators.model.resolution import resolve_model
 from pipelines.embed_corpus import run
 from tests.helpers import read_vectors, write_jsonl
 
@@ -39,8 +40,8 @@ def test_preset_is_a_complete_config_that_cites_its_source(preset):
 def test_smollm2_prompteol_ranks_paraphrases_first(tmp_path):
     """The real SmolLM2 PromptEOL preset, through the embedding operator the pipeline runs: each
     sentence is closest to its paraphrase."""
-    from operators.embed import Embedder
-    from operators.prepare import prepare
+    from operators.model.embed import Embedder
+    from operators.model.prepare import prepare
 
     pairs = [
         ("A man is playing a guitar.", "A person plays the guitar."),
@@ -64,8 +65,8 @@ def test_smollm2_prompteol_ranks_paraphrases_first(tmp_path):
 def test_the_prompteol_preset_runs_through_the_pipeline_on_a_decoder(ray_local, tmp_path, tiny_llama):
     """The preset's extraction (PromptEOL template, last-token pooling) on a decoder LLM, end to end
     on local Ray; the vectors equal the operator's on the same texts."""
-    from operators.embed import Embedder
-    from operators.prepare import prepare
+    from operators.model.embed import Embedder
+    from operators.model.prepare import prepare
 
     texts = ["A man is playing a guitar.", "A cat naps on the couch.", "Stocks fell sharply on Monday."]
     write_jsonl(tmp_path / "in" / "pairs.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])

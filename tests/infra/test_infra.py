@@ -10,7 +10,7 @@ import shlex
 import pytest
 import yaml
 
-from operators.config import load_config
+from operators.config.loading import load_config
 from tests.helpers import REPO
 
 INFRA = REPO / "infra"

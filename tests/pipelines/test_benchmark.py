@@ -55,8 +55,8 @@ def test_bad_arguments_exit_2(capsys):
 def test_a_scale_point_then_its_plan(ray_local, tmp_path):
     """A --scale point, in this process: 30 rows as 6 shards (no-op model), then the same output
     planned again (all up to date: nothing embedded)."""
-    from operators.config import load_config
-    from operators.throughput import write_corpus_uri
+    from operators.config.loading import load_config
+    from operators.evaluation.throughput import write_corpus_uri
     from pipelines.benchmark import check_exactly_once, point_paths, scale_point
 
     cfg = load_config(None, ["ray.max_actors=1", "ray.tokenize_on=tasks"])
@@ -71,7 +71,7 @@ def test_a_scale_point_then_its_plan(ray_local, tmp_path):
 
 
 def test_scale_ratios_take_the_most_shards_against_the_fewest():
-    from operators.throughput import format_scale_report, scale_ratios
+    from operators.evaluation.benchmark_report import format_scale_report, scale_ratios
 
     def point(shards, rows, seconds, driver, noop=True, **kw):
         return dict(shards=shards, rows_in=rows, seconds=seconds, driver_peak_rss_bytes=driver, peak_rss_bytes=4 * driver,
@@ -112,7 +112,7 @@ def test_engines_report(ray_local, tmp_path, tiny_bert, capsys):
 
 
 def test_engine_variants_are_checked_before_any_work():
-    from operators.config import ConfigError
+    from operators.config.schema import ConfigError
     from pipelines.benchmark import engine_settings
 
     assert engine_settings("openvino:int8", None) == {"engine": "openvino", "quantization": "int8"}

@@ -13,7 +13,7 @@ from pipelines import benchmark_sweep
 from tests.helpers import REPO, fit_corpus, make_bench
 
 
-@pytest.mark.slow  # six Ray passes (~2 min on 2 cores); the sweep's own pass counting is tested in tests/operators/test_sweep.py
+@pytest.mark.slow  # six Ray passes (~2 min on 2 cores); the sweep's own pass counting is tested in tests/operators/evaluation/test_sweep.py
 def test_the_benchmark_reports_each_run_and_embeds_the_fit_corpus_once(ray_local, tmp_path, tiny_bert, capsys):
     bench = make_bench(tmp_path / "bench")
     sweep = tmp_path / "sweep.yaml"

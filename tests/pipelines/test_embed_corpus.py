@@ -40,12 +40,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from operators.config import load_config
-from operators.gate import GateError
-from operators.incremental import read_current, read_run_log
-from operators.lease import LEASE
-from operators.storage import list_shards, read_parquet
-from operators.writers import IncompleteShardError
+from operators.config.loading import load_config
+from operators.io.incremental import read_current, read_run_log
+from operators.io.storage import list_shards, read_parquet
+from operators.io.writers import IncompleteShardError
+from operators.run.gate import GateError
+from operators.run.lease import LEASE
 from pipelines.embed_corpus import main, run
 from tests.helpers import (
     AT_LEAST,
@@ -59,8 +59,8 @@ from tests.helpers import (
     make_bench,
     make_corpus,
     random_faults,
-    refuse_after,
     read_vectors,
+    refuse_after,
     sample_sentences,
     write_jsonl,
 )
@@ -255,8 +255,8 @@ def test_kill_then_resume_equals_a_clean_run(ray_local, tmp_path, minilm_path):
     assert (resumed.counts.shards_new, resumed.counts.shards_unchanged) == (shards - committed, committed)
 
     # what an uninterrupted run writes: the embedding operator on each shard's texts, in line order
-    from operators.embed import Embedder
-    from operators.prepare import prepare
+    from operators.model.embed import Embedder
+    from operators.model.prepare import prepare
 
     embedder = Embedder(prepare(cfg).spec())
     got = read_vectors(fsspec.filesystem("file"), str(out))
@@ -530,9 +530,9 @@ def test_output_inside_the_input_is_refused_before_work(tmp_path, capfd):
 
 
 def test_an_output_that_turns_unwritable_mid_run_ends_in_a_message_and_a_local_report(ray_local, tmp_path, s3_bucket, s3_endpoint, capfd, monkeypatch):
-    from operators import models
+    from operators.io import cache
 
-    monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")  # where a report goes that the output refuses
+    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path / "cache")  # where a report goes that the output refuses
     folder = corpus(tmp_path / "in", 2, 10)
     puts = {"allowed": 4}  # the planning probe and the lease, then AccessDenied for every write
 
@@ -632,8 +632,8 @@ def test_two_nightly_runs_reembed_only_what_changed(ray_local, tmp_path, minilm_
     assert {d["reason"] for d in dels} == {"shard deleted", "document removed"}
 
     # equal to what a from-scratch run writes: the embedding operator over the changed corpus
-    from operators.embed import Embedder
-    from operators.prepare import prepare
+    from operators.model.embed import Embedder
+    from operators.model.prepare import prepare
 
     records = [json.loads(line) for p in sorted(corpus.glob("*.jsonl")) for line in p.read_text().splitlines()]
     assert {r["id"] for r in records} == set(after)
@@ -673,7 +673,7 @@ def parquet_rows(folder) -> dict:
 
 
 def assert_sinks_hold_the_parquet(cfg, folder):
-    from operators.stores import open_store
+    from operators.io.stores import open_store
 
     want = parquet_rows(folder)
     for sink in cfg.sinks:
@@ -694,10 +694,10 @@ def test_sinks_converge_to_the_parquet_whatever_failed(ray_local, tmp_path, tiny
     Parquet's rows, and every deleted id is in a deletions file before its vector file goes."""
     import pyarrow as pa
 
-    import operators.bookkeeping as bookkeeping
-    import operators.sinks as sinks_module
-    from operators.sinks import SinkError
-    from operators.stores import MilvusStore, QdrantStore
+    import operators.io.sinks as sinks_module
+    import operators.run.bookkeeping as bookkeeping
+    from operators.io.sinks import SinkError
+    from operators.io.stores import MilvusStore, QdrantStore
 
     corpus = tmp_path / "corpus"
     shards = corpus_v1(corpus)
@@ -759,7 +759,7 @@ def test_a_config_change_writes_a_new_version_that_the_gate_can_hold_back(ray_lo
     fs = fsspec.filesystem("file")
     old_dir = current_dir(out)
     old = read_vectors(fs, str(old_dir))
-    bench = make_bench(tmp_path / "bench")  # 20 STS pairs: the gate's scoring itself is tested in tests/operators/test_gate.py
+    bench = make_bench(tmp_path / "bench")  # 20 STS pairs: the gate's scoring itself is tested in tests/operators/run/test_gate.py
     cls = ["output.versioned=true", "extraction.pooling=cls", f"eval.data_dir={bench}", "gate.tasks=[sts/stsb]"]
     with pytest.raises(GateError, match="sts/stsb"):
         run(config(tmp_path, corpus, out, tiny_bert, *cls, "gate.min_scores={sts/stsb: 100}")[0])
@@ -851,7 +851,7 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import ray, yaml
     from ray.cluster_utils import Cluster
-    from operators.config import load_config
+    from operators.config.loading import load_config
     from pipelines.embed_corpus import run
 
     tmp = Path(sys.argv[2])

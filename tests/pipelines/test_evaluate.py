@@ -8,11 +8,10 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from pipelines import embed_corpus, evaluate
-import pytest
-
 from tests.helpers import MIRROR, REPO, fit_corpus, make_bench, needs_mirror, read_vectors
 
 TASKS = "eval.tasks=[sts/stsb, STS13, SciFact, clustering/banking77, classification/mr, classification/trec]"
@@ -20,7 +19,7 @@ TASKS = "eval.tasks=[sts/stsb, STS13, SciFact, clustering/banking77, classificat
 
 def test_two_configs_end_to_end_on_ray(ray_local, tmp_path, tiny_bert, capsys):
     """Every task kind, two configs compared, the reports, one cache folder per config fingerprint
-    (the cache and resume logic itself: tests/operators/test_evaluation.py, without Ray)."""
+    (the cache and resume logic itself: tests/operators/evaluation/test_scoring.py, without Ray)."""
     bench = make_bench(tmp_path / "bench")
     cfgs = []
     for pooling in ("mean", "cls"):
@@ -53,7 +52,7 @@ def test_two_configs_end_to_end_on_ray(ray_local, tmp_path, tiny_bert, capsys):
 
 
 def test_bad_names_and_missing_data_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("operators.prepare.prepare", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("operators.model.prepare.prepare", lambda *a, **k: pytest.fail("work started"))
     assert evaluate.main(["--set", f"eval.mirror={tmp_path}", "--set", "eval.tasks=[STSBenchmark, SciFakt]", "--output", str(tmp_path / "o")]) == 2
     assert "unknown task SciFakt (did you mean SciFact" in capsys.readouterr().err
     assert evaluate.main(["--set", f"eval.mirror={tmp_path}", "--set", "eval.tasks=[sts/stsb]", "--output", str(tmp_path / "o")]) == 2
@@ -98,8 +97,8 @@ def test_minilm_on_scifact_reproduces_sentence_transformers_and_mteb(ray_local, 
     import mteb
     from sentence_transformers import SentenceTransformer
 
-    from operators.mteb_tasks import load_mteb_task
-    from operators.sources import Sources
+    from operators.evaluation.mteb_tasks import load_mteb_task
+    from operators.io.sources import Sources
 
     out = tmp_path / "scifact"
     assert evaluate.main(["--set", f"eval.mirror={MIRROR}", "--set", "eval.tasks=[SciFact]", "--output", str(out)]) == 0

@@ -1,5 +1,5 @@
 """Whitening end to end: fit through local Ray on a raw text file (Wikitext's stand-in; the named
-Wikitext corpus itself is read in tests/operators/test_readers.py), compare with numpy on the same
+Wikitext corpus itself is read in tests/operators/io/test_readers.py), compare with numpy on the same
 embeddings, apply in the corpus pipeline, refuse mismatched and corrupt artifacts."""
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from operators.config import StorageConfig, load_config
-from operators.embed import Embedder, EmbedSpec
-from operators.models import resolve_model
-from operators.postprocess import load_artifact
-from operators.readers import read_fit_corpus
+from operators.config.loading import load_config
+from operators.config.schema import StorageConfig
+from operators.io.readers import read_fit_corpus
+from operators.methods.postprocess import load_artifact
+from operators.model.embed import Embedder, EmbedSpec
+from operators.model.resolution import resolve_model
 from pipelines import embed_corpus, fit_whitening
 from tests.helpers import REPO, make_corpus, read_vectors
 
