@@ -672,17 +672,30 @@ def parquet_rows(folder) -> dict:
     return out
 
 
-def assert_sinks_hold_the_parquet(cfg, folder):
+def sink_rows(cfg, folder, step: str, table: list | None = None) -> dict:
+    """(shard, id) -> vector of every sink's store, and the Parquet's; with `table`, a line per sink
+    (the step, rows in the store, rows in the Parquet, keys in one and not the other) is added."""
     from operators.io.stores import open_store
 
     want = parquet_rows(folder)
+    held = {}
     for sink in cfg.sinks:
         store = open_store(sink)
         try:
-            got = store.rows()
+            held[sink.label] = store.rows()
         finally:
             getattr(store, "close", lambda: None)()
-        assert set(got) == set(want), (sink.kind, len(got), len(want))
+        if table is not None:
+            got = held[sink.label]
+            table.append((step, sink.label, len(got), len(want), len(set(want) - set(got)), len(set(got) - set(want))))
+    return {"parquet": want, **held}
+
+
+def assert_sinks_hold_the_parquet(cfg, folder, step: str = "", table: list | None = None):
+    rows = sink_rows(cfg, folder, step, table)
+    want = rows.pop("parquet")
+    for label, got in rows.items():
+        assert set(got) == set(want), (label, len(got), len(want))
         for key, vec in want.items():
             np.testing.assert_allclose(got[key], vec, atol=1e-6)
 
@@ -705,8 +718,9 @@ def test_sinks_converge_to_the_parquet_whatever_failed(ray_local, tmp_path, tiny
     sinks = (f"sinks=[{{kind: lancedb, uri: '{tmp_path / 'lance'}'}}, {{kind: qdrant, path: '{tmp_path / 'qdrant'}', batch_rows: 8}}, "
              f"{{kind: milvus, uri: '{tmp_path / 'milvus.db'}', batch_rows: 8}}]")
     cfg, _ = config(tmp_path, corpus, out, tiny_bert, sinks)
+    table: list = []  # the closing table: per step and sink, rows in the store against the Parquet's
     run(cfg)
-    assert_sinks_hold_the_parquet(cfg, out)
+    assert_sinks_hold_the_parquet(cfg, out, "first run", table)
 
     # (a) new, edited, removed and deleted documents; the run dies after committing them, before the sinks
     edited, deleted, added = change_corpus(corpus, shards)
@@ -714,9 +728,10 @@ def test_sinks_converge_to_the_parquet_whatever_failed(ray_local, tmp_path, tiny
     with pytest.raises(SystemExit):
         run(cfg)
     monkeypatch.undo()
+    sink_rows(cfg, out, "(a) killed after its vector files", table)
     again = run(cfg)  # nothing to embed: the sinks still catch up
     assert again.counts.shards_embedded == 0 and all(again.sinks[k]["shards_upserted"] >= 2 for k in ("lancedb", "qdrant", "milvus"))
-    assert_sinks_hold_the_parquet(cfg, out)
+    assert_sinks_hold_the_parquet(cfg, out, "(a) the run after", table)
 
     # (b) every store refuses a write after the first batch of a changed shard (LanceDB after its delete)
     write_jsonl(corpus / "part-0.jsonl", [{"id": f"s0-{i}", "text": f"rewritten {i}"} for i in range(ROWS)])
@@ -729,8 +744,9 @@ def test_sinks_converge_to_the_parquet_whatever_failed(ray_local, tmp_path, tiny
                                         r"the next run brings the store up to date"):
         run(cfg)
     monkeypatch.undo()
+    sink_rows(cfg, out, "(b) a write refused mid-shard", table)
     run(cfg)
-    assert_sinks_hold_the_parquet(cfg, out)
+    assert_sinks_hold_the_parquet(cfg, out, "(b) the run after", table)
 
     # (c) a shard removed while the deletions file cannot be written: its vector file stays until it can
     gone = sorted(corpus.glob("*.jsonl"))[0]
@@ -740,11 +756,14 @@ def test_sinks_converge_to_the_parquet_whatever_failed(ray_local, tmp_path, tiny
     with pytest.raises(Exception, match="not writable"):
         run(cfg)
     monkeypatch.undo()
+    sink_rows(cfg, out, "(c) _deletions/ not writable", table)
     assert len(list(out.glob("*.parquet"))) == len(list(corpus.glob("*.jsonl"))) + 1  # not removed unrecorded
     last = run(cfg)
     recorded = set(pa.concat_tables([pq.read_table(p) for p in (out / "_deletions").glob("*.parquet")]).column("id").to_pylist())
     assert gone_ids <= recorded and last.counts.shards_deleted == 1
-    assert_sinks_hold_the_parquet(cfg, out)
+    assert_sinks_hold_the_parquet(cfg, out, "(c) the run after", table)
+    print("\n| step | sink | rows in the store | rows in the Parquet | missing | extra |\n|---|---|---|---|---|---|")
+    print("\n".join("| " + " | ".join(map(str, line)) + " |" for line in table))
 
 
 def test_a_config_change_writes_a_new_version_that_the_gate_can_hold_back(ray_local, tmp_path, tiny_bert):

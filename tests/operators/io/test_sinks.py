@@ -310,3 +310,18 @@ def test_sink_configs_are_checked_before_any_work():
     with pytest.raises(ValidationError, match="exactly one of url"):
         QdrantSinkConfig()
     assert MilvusSinkConfig(uri="https://in01.example.zillizcloud.com", token="db_admin:pw").lite is False
+
+
+def test_milvus_reads_a_shard_larger_than_one_query_page(tmp_path, monkeypatch):
+    """Past Milvus' 16,384-row query limit the store pages with the query iterator (here a page of 128)."""
+    from operators.io.stores import MilvusStore
+
+    monkeypatch.setattr(MilvusStore, "PAGE", 128)
+    store = open_store(sink_of("milvus", tmp_path))
+    try:
+        store.create(DIM)
+        ids = [f"d{i}" for i in range(300)]
+        store.upsert("a.parquet", ids, clustered_vectors(300), [""] * 300, FP, held=False)
+        assert store.keys_of("a.parquet") == set(ids) and len(store.rows()) == 300 == store.count()
+    finally:
+        store.close()
