@@ -191,7 +191,11 @@ def sync_sink(sink, fs, root: str, folder: str, fingerprint: str, dimension: int
             state = {"target": target, "config_fingerprint": fingerprint, "dimension": dimension, "shards": {}}
             stats["mode"] = "created" if held is None else "rebuilt"
             write_state(fs, root, label, state)
-        state.pop("rows", None)  # the row count comes back only with a sync that finished: a failed one is redone
+        # a record with its row count is one a sync finished: the store then holds exactly the recorded
+        # shards, so a new shard has no rows there yet. The count comes back only when this sync finishes.
+        finished = state.pop("rows", None) is not None
+        if finished:  # on record before the store is touched: a sync that dies from here on is not one that finished
+            write_state(fs, root, label, state)
         synced = state["shards"]
         last_saved = time.time()
         for name in sorted(set(synced) - set(want)):  # shards gone from the output
@@ -203,7 +207,7 @@ def sync_sink(sink, fs, root: str, folder: str, fingerprint: str, dimension: int
         for name, mark in sorted(want.items()):
             if synced.get(name) == mark:
                 continue
-            held_ids = do(lambda n=name: store.keys_of(n), "keys") if not fresh else set()
+            held_ids = set() if fresh or (finished and name not in synced) else do(lambda n=name: store.keys_of(n), "keys")
             seen: set[str] = set()
             for ids, vectors, hashes in shard_batches(fs, posixpath.join(folder, name), sink.batch_rows):
                 do(lambda: store.upsert(name, ids, vectors, hashes, fingerprint, held=bool(held_ids)), "upsert")

@@ -206,6 +206,32 @@ def test_a_sync_that_fails_midway_is_finished_by_the_next(tmp_path, kind, monkey
     assert_store_equals(sink, want)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_new_shard_half_written_by_a_failed_sync_is_not_written_twice(tmp_path, kind, monkeypatch):
+    """A new shard's first batch is in when the store refuses the second: the next sync finds those
+    rows (it cannot take the shard for empty) and the store ends with each row once."""
+    from operators.io.stores import LanceStore, MilvusStore, QdrantStore
+
+    fs = fsspec.filesystem("file")
+    out = tmp_path / "out"
+    out.mkdir()
+    vecs = clustered_vectors(200)
+    ids = [f"d{i}" for i in range(200)]
+    sink = sink_of(kind, tmp_path, batch_rows=50, retries=0)
+    publish(out, {"a.parquet": (ids[:100], vecs[:100])})
+    sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    want = publish(out, {"a.parquet": (ids[:100], vecs[:100]), "b.parquet": (ids[100:], vecs[100:])})
+    cls = {"lancedb": LanceStore, "qdrant": QdrantStore, "milvus": MilvusStore}[kind]
+    refuse_after(monkeypatch, cls, "upsert", 1, PermissionError("the store refused the write"))
+    with pytest.raises(PermissionError):
+        sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    monkeypatch.undo()
+    assert len(store_rows(sink)) == 150  # a's 100 and b's first batch
+    stats = sync_sink(sink, fs, str(out), str(out), FP, DIM)
+    assert stats["rows"] == 200
+    assert_store_equals(sink, want)
+
+
 def json_mark(fs, out, name):
     import json
 
