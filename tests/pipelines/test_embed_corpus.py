@@ -674,7 +674,8 @@ def parquet_rows(folder) -> dict:
 
 def sink_rows(cfg, folder, step: str, table: list | None = None) -> dict:
     """(shard, id) -> vector of every sink's store, and the Parquet's; with `table`, a line per sink
-    (the step, rows in the store, rows in the Parquet, keys in one and not the other) is added."""
+    (the step, rows in the store, rows in the Parquet, keys in one and not the other, keys in both
+    whose vectors differ) is added."""
     from operators.io.stores import open_store
 
     want = parquet_rows(folder)
@@ -687,7 +688,8 @@ def sink_rows(cfg, folder, step: str, table: list | None = None) -> dict:
             getattr(store, "close", lambda: None)()
         if table is not None:
             got = held[sink.label]
-            table.append((step, sink.label, len(got), len(want), len(set(want) - set(got)), len(set(got) - set(want))))
+            stale = sum(not np.allclose(got[k], want[k], atol=1e-6) for k in set(got) & set(want))
+            table.append((step, sink.label, len(got), len(want), len(set(want) - set(got)), len(set(got) - set(want)), stale))
     return {"parquet": want, **held}
 
 
@@ -762,7 +764,7 @@ def test_sinks_converge_to_the_parquet_whatever_failed(ray_local, tmp_path, tiny
     recorded = set(pa.concat_tables([pq.read_table(p) for p in (out / "_deletions").glob("*.parquet")]).column("id").to_pylist())
     assert gone_ids <= recorded and last.counts.shards_deleted == 1
     assert_sinks_hold_the_parquet(cfg, out, "(c) the run after", table)
-    print("\n| step | sink | rows in the store | rows in the Parquet | missing | extra |\n|---|---|---|---|---|---|")
+    print("\n| step | sink | rows in the store | rows in the Parquet | missing | extra | stale vectors |\n|---|---|---|---|---|---|---|")
     print("\n".join("| " + " | ".join(map(str, line)) + " |" for line in table))
 
 
