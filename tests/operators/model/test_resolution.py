@@ -119,36 +119,6 @@ def test_every_file_that_changes_the_vectors_is_in_the_identity(tiny_bert, tmp_p
     assert ids() == seen[-1]
 
 
-def test_caches_heal_themselves(tmp_path, caplog):
-    """A folder left without its .complete mark (a dead builder), a file cut short after the build
-    (an interrupted export), a dead builder's scratch folder: rebuilt, never an error forever."""
-    calls = []
-
-    def build(folder):
-        calls.append(folder)
-        (folder / "model.onnx").write_bytes(b"x" * 1000)
-        (folder / "sub").mkdir()
-        (folder / "sub" / "config.json").write_text("{}")
-
-    dest = tmp_path / "engines" / "onnx-abc"
-    dest.mkdir(parents=True)
-    (dest / "model.onnx").write_bytes(b"half")  # an export that died before its mark
-    (tmp_path / "engines" / "onnx-abc.partial").mkdir()  # and its builder's scratch
-    cache.build_once(dest, build)
-    assert len(calls) == 1 and (dest / "model.onnx").stat().st_size == 1000
-    assert not (tmp_path / "engines" / "onnx-abc.partial").exists()
-    cache.build_once(dest, build)
-    assert len(calls) == 1  # intact: reused
-    with open(dest / "model.onnx", "r+b") as f:  # cut short after the build
-        f.truncate(10)
-    caplog.set_level("WARNING")
-    cache.build_once(dest, build)
-    assert len(calls) == 2 and (dest / "model.onnx").stat().st_size == 1000 and "model.onnx is damaged" in caplog.text
-    (dest / ".complete").write_text(str(dest))  # the layout before checksums: rebuilt once
-    cache.build_once(dest, build)
-    assert len(calls) == 3 and cache.cache_damage(dest) is None
-
-
 def test_s3_folder_marker_objects_are_not_files(s3_bucket, tiny_bert, tmp_path, monkeypatch):
     """A zero-byte 'folder/' key (as S3 consoles write) in a model folder on S3 is no file to copy."""
     import boto3
