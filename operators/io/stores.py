@@ -294,7 +294,10 @@ class MilvusStore:
             raise ValueError(f"milvus holds strings of at most {self.MAX_STRING} bytes; shard {shard} has a longer id or name")
         rows = [{"key": point_id(shard, i), "id": i, "shard": shard, "content_hash": h or "", "config_fingerprint": fingerprint,
                  "vector": v} for i, v, h in zip(ids, vectors.astype(np.float32).tolist(), hashes)]
-        self.client.upsert(self.name, rows)
+        if held:
+            self.client.upsert(self.name, rows)
+        else:  # no row of this shard in the store: a plain insert, without upsert's delete of each key
+            self.client.insert(self.name, rows)
 
     PAGE = 16384  # Milvus' largest query result
 
