@@ -42,7 +42,8 @@ class SinkError(RuntimeError):
     """A sink that could not bring its store to the published output; the next run catches up."""
 
 
-PACKAGES = {"lancedb": ("lancedb", "lancedb"), "qdrant": ("qdrant_client", "qdrant"), "milvus": ("pymilvus", "milvus")}
+# sink kind -> the modules it imports, and its extra (a Milvus Lite file needs milvus_lite too)
+PACKAGES = {"lancedb": (("lancedb",), "lancedb"), "qdrant": (("qdrant_client",), "qdrant"), "milvus": (("pymilvus",), "milvus")}
 
 
 def check_sinks(cfg) -> None:
@@ -50,11 +51,11 @@ def check_sinks(cfg) -> None:
     import importlib.util
 
     for sink in cfg.sinks:
-        module, extra = PACKAGES[sink.kind]
-        lite = sink.kind == "milvus" and sink.lite and importlib.util.find_spec("milvus_lite") is None
-        if importlib.util.find_spec(module) is None or lite:
-            module = "milvus-lite" if lite else module
-            raise ConfigError(f"sinks: {sink.label} needs the {module} package: pip install 'corpus-embed[{extra}]'")
+        modules, extra = PACKAGES[sink.kind]
+        needed = modules + (("milvus_lite",) if sink.kind == "milvus" and sink.lite else ())
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"sinks: {sink.label} needs {', '.join(missing)}, which is not installed: pip install 'corpus-embed[{extra}]'")
 
 
 def target_of(sink) -> str:
@@ -157,10 +158,15 @@ def retrying(call, retries: int, what: str):
             time.sleep(delay)
 
 
+def of_this_config(state: dict | None, target: str, fingerprint: str, dimension: int) -> bool:
+    """Whether the sink's record is of this target, config fingerprint and dimension."""
+    return state is not None and state.get("target") == target and state.get("config_fingerprint") == fingerprint and \
+        state.get("dimension") == dimension
+
+
 def in_sync(state: dict | None, target: str, fingerprint: str, dimension: int, want: dict) -> bool:
     """Whether the sink's record says its store holds exactly `want` (and how many rows that is)."""
-    return state is not None and isinstance(state.get("rows"), int) and state.get("target") == target and \
-        state.get("config_fingerprint") == fingerprint and state.get("dimension") == dimension and state["shards"] == want
+    return of_this_config(state, target, fingerprint, dimension) and isinstance(state.get("rows"), int) and state["shards"] == want
 
 
 def sync_sink(sink, fs, root: str, folder: str, fingerprint: str, dimension: int) -> dict:
@@ -185,7 +191,7 @@ def sync_sink(sink, fs, root: str, folder: str, fingerprint: str, dimension: int
             raise SinkError(f"sinks: {label}: {target} holds {held[0]}-dimensional vectors of config {held[1]}, and this output's "
                             f"are {dimension}-dimensional of config {fingerprint}; this sink has no record of writing them, so "
                             "nothing was written: point it at another table or collection, or delete that one")
-        fresh = held is None or not ours or state.get("config_fingerprint") != fingerprint or state.get("dimension") != dimension
+        fresh = held is None or not of_this_config(state, target, fingerprint, dimension)
         if fresh:  # a store to build (absent, another config of ours, no record of what it holds): from the output
             do(lambda: store.create(dimension), "create")
             state = {"target": target, "config_fingerprint": fingerprint, "dimension": dimension, "shards": {}}

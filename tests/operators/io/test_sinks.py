@@ -337,3 +337,19 @@ def test_milvus_reads_a_shard_larger_than_one_query_page(tmp_path, monkeypatch):
         assert store.keys_of("a.parquet") == set(ids) and len(store.rows()) == 300 == store.count()
     finally:
         store.close()
+
+
+def test_a_sink_whose_packages_are_missing_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A Milvus Lite file needs milvus_lite beside pymilvus; a server URI does not."""
+    import importlib.util
+
+    from operators.config.loading import load_config
+    from operators.config.schema import ConfigError
+    from operators.io.sinks import check_sinks
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "milvus_lite" else real(name, *a))
+    lite = load_config(None, [f"sinks=[{{kind: milvus, name: m, uri: '{tmp_path / 'm.db'}'}}]"])
+    with pytest.raises(ConfigError, match=r"sinks: m needs milvus_lite, which is not installed: pip install 'corpus-embed\[milvus\]'"):
+        check_sinks(lite)
+    check_sinks(load_config(None, ["sinks=[{kind: milvus, uri: 'http://milvus:19530'}]"]))
