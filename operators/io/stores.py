@@ -289,8 +289,7 @@ class MilvusStore:
         self.client.create_collection(self.name, schema=schema, index_params=index, consistency_level="Strong")
 
     def upsert(self, shard: str, ids: list[str], vectors: np.ndarray, hashes: list[str], fingerprint: str, held: bool = True) -> None:
-        too_long = [i for i in ids if len(i.encode()) > self.MAX_STRING]
-        if too_long or len(shard.encode()) > self.MAX_STRING:
+        if len(shard.encode()) > self.MAX_STRING or any(len(i.encode()) > self.MAX_STRING for i in ids):
             raise ValueError(f"milvus holds strings of at most {self.MAX_STRING} bytes; shard {shard} has a longer id or name")
         rows = [{"key": point_id(shard, i), "id": i, "shard": shard, "content_hash": h or "", "config_fingerprint": fingerprint,
                  "vector": v} for i, v, h in zip(ids, vectors.astype(np.float32).tolist(), hashes)]
